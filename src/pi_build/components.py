@@ -37,7 +37,7 @@ PRECISIONS = ("fp32", "bf16", "fp8")  # fp8 = bf16 modules whose linears become 
 
 
 @dataclass(frozen=True)
-class ComponentSpec:
+class Shapes:
     """The fixed shapes an engine is built for."""
 
     batch: int = 1
@@ -45,12 +45,23 @@ class ComponentSpec:
     prompt_len: int = 200
     horizon: int = 10
     steps: int = 10
+    # dtypes of the tensors passed between engines: each is its producer's compute dtype
+    image_token_dtype: torch.dtype = torch.float32
+    kv_dtype: torch.dtype = torch.float32
 
 
-def compute_dtype(precision: str) -> torch.dtype:
+def compute_dtype(precision: str, device_type: str) -> torch.dtype:
+    """fp32 -> float32; bf16 -> bfloat16; fp8 -> FP8 GEMMs with bfloat16 around them on GPUs, and on
+    the CPU FP8 quantize-dequantize around float32 (emulation: same FP8 rounding, CPU-friendly)."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
-    return torch.float32 if precision == "fp32" else torch.bfloat16
+    if precision == "fp32" or (precision == "fp8" and device_type == "cpu"):
+        return torch.float32
+    return torch.bfloat16
+
+
+def _device_type(model: PiModel) -> str:
+    return next(model.parameters()).device.type
 
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -114,13 +125,14 @@ def mqa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tenso
 class _GemmaBlock(nn.Module):
     """One Gemma layer with fused projections; norms are applied by the caller."""
 
-    def __init__(self, layer: nn.Module, dtype: torch.dtype):
+    def __init__(self, layer: nn.Module, dtype: torch.dtype, kv_only: bool = False):
         super().__init__()
         attn, mlp = layer.self_attn, layer.mlp
         self.qkv = _fused_linear([attn.q_proj, attn.k_proj, attn.v_proj], dtype)
-        self.o = _copy_linear(attn.o_proj, dtype)
-        self.gate_up = _fused_linear([mlp.gate_proj, mlp.up_proj], dtype)
-        self.down = _copy_linear(mlp.down_proj, dtype)
+        if not kv_only:  # a layer whose outputs are never read needs only its K/V projection
+            self.o = _copy_linear(attn.o_proj, dtype)
+            self.gate_up = _fused_linear([mlp.gate_proj, mlp.up_proj], dtype)
+            self.down = _copy_linear(mlp.down_proj, dtype)
         self.q_width = attn.q_proj.out_features
         self.kv_width = attn.k_proj.out_features
 
@@ -140,10 +152,10 @@ class VisionComponent(nn.Module):
     input_names = ("images",)
     output_names = ("image_tokens",)
 
-    def __init__(self, model: PiModel, spec: ComponentSpec, precision: str):
+    def __init__(self, model: PiModel, spec: Shapes, precision: str):
         super().__init__()
         self.spec, self.precision = spec, precision
-        self.dtype = compute_dtype(precision)
+        self.dtype = compute_dtype(precision, _device_type(model))
         vm = model.siglip
         self.cfg = vm.cfg
         patch = vm.embeddings.patch_embedding
@@ -194,22 +206,23 @@ class KVCacheComponent(nn.Module):
     input_names = ("image_tokens", "image_masks", "tokens", "token_masks")
     output_names = ("k", "v", "prefix_mask")
 
-    def __init__(self, model: PiModel, spec: ComponentSpec, precision: str):
+    def __init__(self, model: PiModel, spec: Shapes, precision: str):
         super().__init__()
         self.spec, self.precision = spec, precision
-        self.dtype = compute_dtype(precision)
+        self.dtype = compute_dtype(precision, _device_type(model))
         self.cfg = model.cfg
         self.image_tokens = model.cfg.image_tokens
         llm = model.llm
         # The embedding table stays in the reference's dtype policy: bf16 under bf16 (openpi's).
         self.register_buffer("embed", llm.embed_tokens.weight.detach().to(self.dtype).clone())
-        self.layers = nn.ModuleList(_GemmaBlock(layer, self.dtype) for layer in llm.layers)
+        last = len(llm.layers) - 1
+        self.layers = nn.ModuleList(_GemmaBlock(layer, self.dtype, kv_only=i == last) for i, layer in enumerate(llm.layers))
         self.register_buffer("norm1", torch.stack([_norm_scale(l.input_layernorm) for l in llm.layers]))
         self.register_buffer("norm2", torch.stack([_norm_scale(l.post_attention_layernorm) for l in llm.layers]))
 
     def example_inputs(self, generator: torch.Generator) -> tuple[Tensor, ...]:
         s, cfg = self.spec, self.cfg
-        image_tokens = torch.randn(s.batch, s.cameras * self.image_tokens, cfg.llm.width, generator=generator)
+        image_tokens = torch.randn(s.batch, s.cameras * self.image_tokens, cfg.llm.width, generator=generator).to(s.image_token_dtype)
         image_masks = torch.ones(s.batch, s.cameras, dtype=torch.bool)
         tokens = torch.randint(1, cfg.vocab_size, (s.batch, s.prompt_len), generator=generator)
         lengths = torch.randint(1, s.prompt_len + 1, (s.batch, 1), generator=generator)
@@ -258,10 +271,10 @@ class DenoiseComponent(nn.Module):
     input_names = ("noise", "k", "v", "prefix_mask", "state")
     output_names = ("actions",)
 
-    def __init__(self, model: PiModel, spec: ComponentSpec, precision: str):
+    def __init__(self, model: PiModel, spec: Shapes, precision: str):
         super().__init__()
         self.spec, self.precision = spec, precision
-        self.dtype = compute_dtype(precision)
+        self.dtype = compute_dtype(precision, _device_type(model))
         self.cfg = cfg = model.cfg
         self.pi05 = cfg.pi05
         self.steps = spec.steps
@@ -310,7 +323,7 @@ class DenoiseComponent(nn.Module):
         length = s.cameras * cfg.image_tokens + s.prompt_len
         shape = (cfg.llm.depth, s.batch, cfg.llm.num_kv_heads, length, cfg.llm.head_dim)
         noise = torch.randn(s.batch, s.horizon, cfg.action_dim, generator=generator)
-        k, v = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
+        k, v = (torch.randn(shape, generator=generator).to(s.kv_dtype) for _ in range(2))
         valid_text = torch.randint(1, s.prompt_len + 1, (s.batch, 1), generator=generator)
         prefix_mask = torch.cat([torch.ones(s.batch, s.cameras * cfg.image_tokens, dtype=torch.bool),
                                  torch.arange(s.prompt_len)[None] < valid_text], dim=1)
@@ -371,7 +384,7 @@ _CLASSES = {"vision": VisionComponent, "kvcache": KVCacheComponent, "denoise": D
 
 
 @torch.no_grad()
-def build_component(model: PiModel, name: str, spec: ComponentSpec, precision: str = "fp32") -> nn.Module:
+def build_component(model: PiModel, name: str, spec: Shapes, precision: str = "fp32") -> nn.Module:
     """A component module from ``model``'s weights (held on the model's device), in eval mode."""
     if name not in _CLASSES:
         raise ValueError(f"unknown component {name!r}; use one of {', '.join(COMPONENTS)}")
@@ -379,14 +392,19 @@ def build_component(model: PiModel, name: str, spec: ComponentSpec, precision: s
     return _CLASSES[name](model, spec, precision).to(device).eval()
 
 
-def build_components(model: PiModel, spec: ComponentSpec, precisions: dict[str, str] | None = None) -> dict[str, nn.Module]:
+def build_components(model: PiModel, spec: Shapes, precisions: dict[str, str] | None = None) -> dict[str, nn.Module]:
     precisions = precisions or {}
     return {name: build_component(model, name, spec, precisions.get(name, "fp32")) for name in COMPONENTS}
 
 
 @torch.no_grad()
 def reference_outputs(model: PiModel, name: str, inputs: tuple[Tensor, ...], steps: int) -> tuple[Tensor, ...]:
-    """What the reference model computes for a component's inputs (the accuracy gates' truth)."""
+    """What the reference model computes for a component's inputs (the accuracy gates' truth).
+
+    The reference runs in its own dtype: float inputs produced by lower-precision engines are upcast.
+    """
+    dtype = model.dtype
+    inputs = tuple(t.to(dtype) if t.is_floating_point() and t.dtype != torch.float32 else t for t in inputs)
     if name == "vision":
         (images,) = inputs
         masks = torch.ones(images.shape[:2], dtype=torch.bool, device=images.device)

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# On the lent GPU machine: install carried wheels (ModelOpt), make the full-size random pi05_libero
+# checkpoint, and build its engines. Logs go to $OUT.
+set -uo pipefail
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src
+if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site; fi
+build() { python3 -m pi_build.cli.build "$@"; }
+[ -d checkpoints/pi05_libero ] || build checkpoint --config pi05 --horizon 10 --dtype bfloat16 --out checkpoints/pi05_libero

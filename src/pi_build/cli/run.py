@@ -1,0 +1,159 @@
+"""`pi-run`: run a policy: predict once, benchmark, evaluate in LIBERO, or serve it."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="Run pi0 / pi0.5 policies from checkpoints or built engines.", no_args_is_help=True)
+console = Console(width=None if sys.stdout.isatty() else 150)
+
+EnginesOpt = Annotated[Optional[Path], typer.Option("--engines", help="engines folder [env PI_BUILD_ENGINES, default engines/]")]
+MODEL_LEVEL_KEYS = {"images", "image_masks", "tokens", "token_masks", "state", "noise"}
+RAW_KEYS = {"observation/image", "observation/wrist_image", "observation/state", "prompt"}
+
+
+# ----------------------------------------------------------------------------- predict
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError) as exc:
+        raise typer.BadParameter(f"cannot read {path} as .npz (pickled objects are refused): {exc}") from exc
+
+
+def _model_level_inputs(arrays: dict[str, np.ndarray], cfg, path: Path):
+    """Check and convert the model-level keys; errors name the key, the shape and the file."""
+    import torch
+
+    from pi_build.model import ModelInputs
+
+    unknown = set(arrays) - MODEL_LEVEL_KEYS
+    if unknown:
+        raise typer.BadParameter(f"{path}: unknown keys {sorted(unknown)}; model-level inputs take {sorted(MODEL_LEVEL_KEYS)}")
+    required = ["images", "image_masks", "tokens", "token_masks"] + ([] if cfg.pi05 else ["state"])
+    for key in required:
+        if key not in arrays:
+            raise typer.BadParameter(f"{path}: missing key {key!r}")
+    images = arrays["images"]
+    if images.ndim != 5 or images.shape[2:] != (3, 224, 224):
+        raise typer.BadParameter(f"{path}: 'images' must be [B, C, 3, 224, 224], got {list(images.shape)}")
+    b, c = images.shape[:2]
+    expect = {"image_masks": (b, c), "tokens": (b, None), "token_masks": (b, arrays["tokens"].shape[-1])}
+    if "state" in arrays:
+        expect["state"] = (b, cfg.action_dim)
+    if "noise" in arrays:
+        expect["noise"] = (b, None, cfg.action_dim)
+    for key, shape in expect.items():
+        got = arrays[key].shape
+        if len(got) != len(shape) or any(s is not None and s != g for s, g in zip(shape, got)):
+            raise typer.BadParameter(f"{path}: {key!r} has shape {list(got)}, expected {[s if s is not None else '*' for s in shape]}")
+    for key in ("images", "state", "noise"):
+        if key in arrays and not np.isfinite(arrays[key]).all():
+            raise typer.BadParameter(f"{path}: {key!r} holds NaN or inf")
+    if arrays["tokens"].max(initial=0) >= cfg.vocab_size or arrays["tokens"].min(initial=0) < 0:
+        raise typer.BadParameter(f"{path}: 'tokens' out of the vocabulary range [0, {cfg.vocab_size})")
+    state = arrays.get("state")
+    inputs = ModelInputs(
+        torch.from_numpy(images.astype(np.float32)),
+        torch.from_numpy(arrays["image_masks"].astype(bool)),
+        torch.from_numpy(arrays["tokens"].astype(np.int64)),
+        torch.from_numpy(arrays["token_masks"].astype(bool)),
+        None if state is None else torch.from_numpy(state.astype(np.float32)),
+    )
+    noise = arrays.get("noise")
+    return inputs, None if noise is None else torch.from_numpy(noise.astype(np.float32))
+
+
+@app.command()
+def predict(
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="openpi or lerobot checkpoint folder")],
+    inputs: Annotated[Path, typer.Option("--inputs", help=".npz: raw observation or model-level inputs")],
+    steps: Annotated[int, typer.Option("--steps", min=1)] = 10,
+    dtype: Annotated[str, typer.Option("--dtype", help="float32 or bfloat16")] = "float32",
+    out: Annotated[Optional[Path], typer.Option("--out", help="write the actions here (.npy)")] = None,
+    device: Annotated[str, typer.Option("--device")] = "cpu",
+    seed: Annotated[int, typer.Option("--seed", help="noise seed when the inputs carry no noise")] = 0,
+) -> None:
+    """Sample one action chunk with the reference model.
+
+    Model-level inputs (images, image_masks, tokens, token_masks[, state][, noise]) give the raw
+    chunk [B, H, 32] in normalized space; a raw observation (observation/image,
+    observation/wrist_image, observation/state, prompt) goes through the LIBERO observation
+    pipeline and gives unnormalized actions [1, H, 7].
+    """
+    import torch
+
+    from pi_build.checkpoints import load_checkpoint
+
+    if dtype not in ("float32", "bfloat16"):
+        raise typer.BadParameter(f"--dtype must be float32 or bfloat16, got {dtype!r}")
+    arrays = _read_npz(inputs)
+    raw = bool(RAW_KEYS & set(arrays))
+    model, info = load_checkpoint(checkpoint, dtype=getattr(torch, dtype), device=device)
+    cfg = model.cfg
+    if raw:
+        from pi_build.runtime import load_transforms
+
+        obs = {k: (str(v) if k == "prompt" else v) for k, v in arrays.items()}
+        transforms = load_transforms(checkpoint, cfg)
+        model_inputs, noise = transforms.inputs(obs), None
+    else:
+        model_inputs, noise = _model_level_inputs(arrays, cfg, inputs)
+    if noise is not None and noise.shape[1] != cfg.action_horizon:
+        model.cfg = cfg = cfg.replace(action_horizon=noise.shape[1])
+    if noise is None:
+        generator = torch.Generator().manual_seed(seed)
+        noise = torch.randn(model_inputs.batch_size, cfg.action_horizon, cfg.action_dim, generator=generator)
+    if model_inputs.state is None:
+        model_inputs.state = torch.zeros(model_inputs.batch_size, cfg.action_dim)  # pi0.5 does not read it
+    actions = model.sample(model_inputs.to(device), noise.to(device), steps).float().cpu().numpy()
+    if raw:
+        actions = transforms.outputs(actions, obs)
+    if out is not None:
+        np.save(out, actions)
+    np.set_printoptions(precision=4, suppress=True, linewidth=120)
+    console.print(f"{info.config.name} ({'lerobot' if info.layout == 'lerobot' else 'openpi'} layout), {steps} steps, "
+                  f"actions {list(actions.shape)}")
+    print(actions[0][: min(5, actions.shape[1])])
+
+
+# ----------------------------------------------------------------------------- bench
+
+
+@app.command()
+def bench(
+    recipe: Annotated[Path, typer.Option("--recipe", "-r")],
+    engines: EnginesOpt = None,
+    steps: Annotated[str, typer.Option("--steps", help="comma-separated step counts")] = "1,3,10",
+    iters: Annotated[int, typer.Option("--iters")] = 50,
+    warmup: Annotated[int, typer.Option("--warmup")] = 10,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="write all figures as JSON")] = None,
+    png: Annotated[Optional[Path], typer.Option("--png", help="write a stacked-bar chart")] = None,
+    graphs: Annotated[bool, typer.Option("--graphs/--no-graphs", help="capture CUDA graphs (GPU)")] = True,
+    reference: Annotated[bool, typer.Option("--reference/--no-reference", help="time the eager reference too")] = True,
+) -> None:
+    """Per-component latency of the engines at each step count, next to the eager reference and the roofline."""
+    from pi_build import bench as bench_mod
+
+    results = bench_mod.run_bench(recipe, engines, [int(s) for s in steps.split(",")], iters=iters, warmup=warmup,
+                                  graphs=graphs, reference=reference, log=console.print)
+    bench_mod.print_tables(results, console)
+    if json_out:
+        json_out.write_text(json.dumps(results, indent=2))
+    if png:
+        bench_mod.plot(results, png)
+        console.print(f"chart: {png}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,512 @@
+"""The websocket policy server: openpi's wire format, request checks, errors, concurrency.
+
+Every server runs on loopback on a free port in a thread of this process, with a small
+deterministic fake policy whose actions are a function of the request, so each reply can be checked
+against the request it answers. openpi's own client (openpi-client from PyPI, which needs numpy<2)
+runs in a separate venv created once under $PI_BUILD_CACHE or <repo>/.cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+import websockets
+import websockets.sync.client
+
+from pi_build.serve import (
+    LIBERO_REQUEST_SPEC,
+    ArraySpec,
+    BadRequest,
+    decode_request,
+    pack,
+    serve,
+    unpack,
+    validate_request,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+HORIZON = 10
+TIMEOUT_S = 10
+METADATA = {"policy": "fake-libero", "action_horizon": np.int64(HORIZON), "state_offset": np.linspace(-1, 1, 8)}
+
+
+def fake_policy(obs: dict) -> dict:
+    """actions[h, j] = state[j] * (h + 1) + image[h, j, 0] / 255 - wrist[j, h, 2] / 255 + len(prompt)."""
+    state = obs["observation/state"].astype(np.float64)
+    h = np.arange(HORIZON)[:, None]
+    j = np.arange(7)[None, :]
+    actions = (
+        state[:7][None, :] * (h + 1)
+        + obs["observation/image"][h, j, 0] / 255.0
+        - obs["observation/wrist_image"][j, h, 2] / 255.0
+        + len(obs["prompt"])
+    )
+    return {"actions": actions.astype(np.float32), "policy_timing": {"infer_ms": float(len(obs["prompt"]))}}
+
+
+def random_observation(rng: np.random.Generator, state_dtype: type = np.float32) -> dict:
+    return {
+        "observation/image": rng.integers(0, 256, (224, 224, 3), dtype=np.uint8),
+        "observation/wrist_image": rng.integers(0, 256, (224, 224, 3), dtype=np.uint8),
+        "observation/state": rng.normal(size=8).astype(state_dtype),
+        "prompt": "put the bowl on the plate" + "!" * int(rng.integers(0, 20)),
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(policy: Callable[[dict], dict], **kwargs) -> Iterator[int]:
+    """serve() in a thread; yields its port; stops it and checks it ended cleanly."""
+    port = free_port()
+    ready, stop = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            serve(policy, host="127.0.0.1", port=port, metadata=METADATA, ready=ready, stop=stop, **kwargs)
+        except BaseException as e:
+            errors.append(e)
+            ready.set()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert ready.wait(TIMEOUT_S), "server did not start"
+    assert not errors, errors
+    try:
+        yield port
+    finally:
+        stop.set()
+        thread.join(TIMEOUT_S)
+        assert not thread.is_alive(), "server did not stop"
+        assert not errors, errors
+
+
+@contextlib.contextmanager
+def connect(port: int) -> Iterator[tuple[websockets.sync.client.ClientConnection, dict]]:
+    """A connection and the metadata the server sent first."""
+    with websockets.sync.client.connect(
+        f"ws://127.0.0.1:{port}", compression=None, max_size=None, open_timeout=TIMEOUT_S, close_timeout=TIMEOUT_S
+    ) as conn:
+        first = conn.recv(timeout=TIMEOUT_S)
+        assert isinstance(first, bytes), f"expected metadata first, got {first!r}"
+        yield conn, unpack(first)
+
+
+def infer(conn: websockets.sync.client.ClientConnection, obs: dict) -> dict:
+    conn.send(pack(obs))
+    reply = conn.recv(timeout=TIMEOUT_S)
+    assert isinstance(reply, bytes), f"server answered with an error: {reply}"
+    return unpack(reply)
+
+
+def http_get(port: int, path: str) -> tuple[int, str]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT_S)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        conn.close()
+
+
+def assert_reply_answers(reply: dict, obs: dict) -> None:
+    expected = fake_policy(obs)["actions"]
+    assert reply["actions"].dtype == np.float32 and reply["actions"].shape == (HORIZON, 7)
+    np.testing.assert_array_equal(reply["actions"], expected)
+
+
+# --- wire format ---------------------------------------------------------------------------------
+
+
+def test_wire_format_matches_openpi_msgpack_numpy():
+    array = np.arange(6, dtype=np.float32).reshape(2, 3) * 1.5
+    raw = msgpack.unpackb(pack({"a": array, "s": np.float32(2.5), "n": 3}))  # no numpy decoding
+    assert raw == {
+        "a": {b"__ndarray__": True, b"data": array.tobytes(), b"dtype": "<f4", b"shape": [2, 3]},
+        "s": {b"__npgeneric__": True, b"data": 2.5, b"dtype": "<f4"},
+        "n": 3,
+    }
+    decoded = unpack(pack({"a": array, "s": np.float32(2.5)}))
+    assert decoded["a"].dtype == np.float32
+    np.testing.assert_array_equal(decoded["a"], array)
+    assert type(decoded["s"]) is np.float32 and decoded["s"] == np.float32(2.5)
+
+
+@pytest.mark.parametrize(
+    "array_map, message",
+    [
+        ({b"__ndarray__": True, b"data": b"\0" * 8, b"dtype": "|O", b"shape": [1]}, "dtype object is not accepted"),
+        ({b"__ndarray__": True, b"data": b"\0" * 7, b"dtype": "<f4", b"shape": [2]}, "needs 8 bytes"),
+    ],
+)
+def test_decode_refuses_unsafe_or_inconsistent_arrays(array_map, message):
+    with pytest.raises(BadRequest, match=message):
+        decode_request(msgpack.packb({"x": array_map}), {})
+
+
+def test_validator_takes_other_robots_specs():
+    spec = {"observation/joints": ArraySpec((14,), ("float32",), finite=True), "prompt": str}
+    good = {"observation/joints": np.random.default_rng().normal(size=14).astype(np.float32), "prompt": "fold"}
+    validate_request(good, spec)
+    with pytest.raises(BadRequest, match=r"'observation/joints' has shape \(8,\), expected \(14,\)"):
+        validate_request({**good, "observation/joints": np.ones(8, np.float32)}, spec)
+    with pytest.raises(BadRequest, match="missing key"):
+        validate_request(good, LIBERO_REQUEST_SPEC)
+
+
+# --- round trip -----------------------------------------------------------------------------------
+
+POLICY_SLEEP_S = 0.01
+
+
+def slow_fake_policy(obs: dict) -> dict:
+    time.sleep(POLICY_SLEEP_S)
+    return fake_policy(obs)
+
+
+def test_round_trip_with_our_client():
+    rng = np.random.default_rng()
+    with running_server(slow_fake_policy) as port:
+        assert http_get(port, "/healthz") == (200, "OK\n")
+        assert http_get(port, "/")[0] == 426  # anything else is a websocket endpoint
+
+        with connect(port) as (conn, metadata):
+            assert metadata["policy"] == "fake-libero"
+            assert type(metadata["action_horizon"]) is np.int64 and metadata["action_horizon"] == HORIZON
+            np.testing.assert_array_equal(metadata["state_offset"], METADATA["state_offset"])
+
+            for i, state_dtype in enumerate([np.float32, np.float64, np.float32]):
+                obs = random_observation(rng, state_dtype)
+                reply = infer(conn, obs)
+                assert_reply_answers(reply, obs)
+                assert reply["policy_timing"] == {"infer_ms": float(len(obs["prompt"]))}
+                timing = reply["server_timing"]
+                assert timing["infer_ms"] >= POLICY_SLEEP_S * 1000  # time.sleep sleeps at least that long
+                assert timing["queue_ms"] >= 0
+                # The total of a request is known only after its reply is sent: it comes one reply late.
+                assert ("prev_total_ms" in timing) == (i > 0)
+                if i > 0:
+                    assert timing["prev_total_ms"] >= POLICY_SLEEP_S * 1000
+
+
+# --- openpi's own client --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def openpi_client_python() -> Path:
+    """Python of a venv with openpi-client==0.1.2 (pinned numpy<2), created once and then reused."""
+    cache = Path(os.environ.get("PI_BUILD_CACHE", REPO / ".cache"))
+    venv = cache / "openpi-client-venv"
+    python = venv / "bin" / "python"
+    if python.exists():
+        return python
+    cache.mkdir(parents=True, exist_ok=True)
+    # Built beside its final place and renamed at the end, so a half-made venv is never reused.
+    # (Only the bin/ scripts of a venv hold absolute paths; bin/python works after the rename.)
+    staging = Path(tempfile.mkdtemp(prefix="openpi-client-venv.", dir=cache))
+    try:
+        subprocess.run([sys.executable, "-m", "venv", str(staging)], check=True, capture_output=True, timeout=120)
+        install = subprocess.run(
+            [str(staging / "bin" / "python"), "-m", "pip", "install", "--quiet", "--retries", "1", "--timeout", "30",
+             "openpi-client==0.1.2", "typing_extensions"],
+            capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        if install.returncode != 0:
+            reason = f"cannot install openpi-client==0.1.2 (no PyPI?): {install.stderr.strip()[-500:]}"
+            if os.environ.get("CI"):
+                pytest.fail(reason)  # CI has PyPI: there this is a real failure
+            pytest.skip(reason)
+        with contextlib.suppress(OSError):  # another test run may have finished first
+            staging.rename(venv)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return python
+
+
+def from_json(value):
+    """Undo scripts/openpi_client_check.py's to_json."""
+    if isinstance(value, dict) and "ndarray" in value:
+        return np.array(value["values"], dtype=value["ndarray"]).reshape(value["shape"])
+    if isinstance(value, dict) and "npgeneric" in value:
+        return np.dtype(value["npgeneric"]).type(value["value"])
+    if isinstance(value, dict):
+        return {key: from_json(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [from_json(item) for item in value]
+    return value
+
+
+@pytest.mark.slow  # the first run creates the venv (about 10 s with PyPI at hand)
+def test_openpi_client_from_pypi(openpi_client_python, tmp_path):
+    rng = np.random.default_rng()
+    # float64 state as openpi's LIBERO example sends it (np.concatenate of float64 arrays).
+    observations = [random_observation(rng, np.float64) for _ in range(3)]
+    np.savez(
+        tmp_path / "obs.npz",
+        image=np.stack([o["observation/image"] for o in observations]),
+        wrist_image=np.stack([o["observation/wrist_image"] for o in observations]),
+        state=np.stack([o["observation/state"] for o in observations]),
+        prompt=np.array([o["prompt"] for o in observations]),
+    )
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    with running_server(fake_policy) as port:
+        result = subprocess.run(
+            [str(openpi_client_python), str(REPO / "scripts" / "openpi_client_check.py"),
+             "--host", "127.0.0.1", "--port", str(port), "--observations", str(tmp_path / "obs.npz")],
+            capture_output=True, text=True, timeout=60, env=env,
+        )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    output = json.loads(result.stdout)
+
+    metadata = from_json(output["metadata"])
+    assert metadata["policy"] == "fake-libero"
+    assert type(metadata["action_horizon"]) is np.int64 and metadata["action_horizon"] == HORIZON
+    np.testing.assert_array_equal(metadata["state_offset"], METADATA["state_offset"])
+
+    replies = from_json(output["replies"])
+    assert len(replies) == len(observations)
+    for reply, obs in zip(replies, observations, strict=True):
+        assert_reply_answers(reply, obs)
+        assert "infer_ms" in reply["server_timing"]
+
+    error = output["bad_request_error"]
+    assert error is not None, "openpi's client did not raise on a NaN state"
+    assert "bad request: 'observation/state' has non-finite values (NaN or inf) at flat indices [3]" in error
+
+
+# --- bad input ------------------------------------------------------------------------------------
+
+SMALL_MAX_FRAME = 512 * 1024  # a LIBERO request is ~0.3 MB
+
+
+def _without(obs: dict, key: str) -> dict:
+    return {k: v for k, v in obs.items() if k != key}
+
+
+# Each case: (make the frame from a good observation, expected close code, text the error must contain).
+BAD_REQUESTS = {
+    "missing key": (
+        lambda obs: pack(_without(obs, "observation/wrist_image")),
+        1011,
+        "missing key(s) ['observation/wrist_image']",
+    ),
+    "wrong shape": (
+        lambda obs: pack({**obs, "observation/image": obs["observation/image"][:200]}),
+        1011,
+        "'observation/image' has shape (200, 224, 3), expected (224, 224, 3)",
+    ),
+    "wrong dtype": (
+        lambda obs: pack({**obs, "observation/state": obs["observation/state"].astype(np.int64)}),
+        1011,
+        "'observation/state' has dtype int64, expected float32 or float64",
+    ),
+    "NaN state": (
+        lambda obs: pack({**obs, "observation/state": np.where(np.arange(8) == 5, np.nan, obs["observation/state"])}),
+        1011,
+        "'observation/state' has non-finite values (NaN or inf) at flat indices [5]",
+    ),
+    "prompt not a string": (lambda obs: pack({**obs, "prompt": 7}), 1011, "'prompt' must be a string, got int"),
+    "not a map": (lambda obs: pack([1, 2, 3]), 1011, "request must be a map of observation keys, got list"),
+    "non-msgpack bytes": (lambda obs: b"\xc1 these bytes are not msgpack", 1011, "frame is not valid msgpack"),
+    "text frame": (lambda obs: "hello", 1011, "expected a binary msgpack frame, got a text frame"),
+    "oversized frame": (
+        lambda obs: pack({**obs, "extra": np.ones(SMALL_MAX_FRAME, np.uint8)}),
+        1009,
+        f"exceeds limit of {SMALL_MAX_FRAME} bytes",
+    ),
+}
+
+
+def send_and_collect_error(port: int, frame: str | bytes) -> tuple[list[str], int | None, str]:
+    """Send one bad frame; return the text frames received, then the close code and reason."""
+    texts = []
+    with connect(port) as (conn, _):
+        try:
+            conn.send(frame)
+            while True:
+                message = conn.recv(timeout=TIMEOUT_S)
+                assert isinstance(message, str), "a bad request got a normal reply"
+                texts.append(message)
+        except websockets.ConnectionClosed as e:
+            assert e.rcvd is not None, "the server did not send a close frame"
+            return texts, e.rcvd.code, e.rcvd.reason
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_request_gets_an_error_and_the_server_carries_on(case):
+    make_frame, expected_code, expected_text = BAD_REQUESTS[case]
+    rng = np.random.default_rng()
+    with running_server(fake_policy, max_frame_bytes=SMALL_MAX_FRAME) as port:
+        with connect(port) as (bystander, _):  # connected before, used after: must not notice anything
+            obs = random_observation(rng)
+            assert_reply_answers(infer(bystander, obs), obs)
+
+            texts, code, reason = send_and_collect_error(port, make_frame(random_observation(rng)))
+
+            assert code == expected_code
+            if expected_code == 1011:  # openpi's convention: one text frame, then close 1011
+                assert len(texts) == 1
+                first_line = texts[0].splitlines()[0]
+                assert first_line.startswith("bad request: ") and expected_text in first_line
+                assert first_line.startswith(reason)  # the close reason repeats it, cut to 123 bytes
+            else:  # websockets refuses the frame itself; no text frame can come first
+                assert texts == [] and expected_text in reason
+
+            assert http_get(port, "/healthz")[0] == 200
+            obs = random_observation(rng)
+            assert_reply_answers(infer(bystander, obs), obs)
+            with connect(port) as (newcomer, _):
+                obs = random_observation(rng)
+                assert_reply_answers(infer(newcomer, obs), obs)
+
+
+def _raise_value_error(obs: dict) -> dict:
+    raise ValueError(f"boom with prompt of length {len(obs['prompt'])}")
+
+
+@pytest.mark.parametrize(
+    "policy, first_line",
+    [
+        (_raise_value_error, "policy failed: ValueError: boom with prompt of length "),
+        (
+            lambda obs: {"no_actions": 1},
+            "policy failed: ValueError: the policy's output has no 'actions', only ['no_actions']",
+        ),
+        (lambda obs: [1.0], "policy failed: TypeError: the policy must return a dict, got list"),
+        (lambda obs: {"actions": object()}, "policy failed: TypeError: cannot send a value of type object"),
+    ],
+)
+def test_policy_failure_sends_traceback_and_server_carries_on(policy, first_line):
+    rng = np.random.default_rng()
+    with running_server(policy) as port:
+        texts, code, reason = send_and_collect_error(port, pack(random_observation(rng)))
+        assert code == 1011 and len(texts) == 1
+        assert texts[0].startswith(first_line) and reason.startswith(first_line[:100])
+        assert "Traceback (most recent call last)" in texts[0]
+        assert http_get(port, "/healthz")[0] == 200
+        texts, code, _ = send_and_collect_error(port, pack(random_observation(rng)))  # still serving
+        assert code == 1011 and texts[0].startswith(first_line)
+
+
+# --- concurrency ----------------------------------------------------------------------------------
+
+
+def test_concurrent_clients_get_their_own_replies_and_policy_calls_never_overlap():
+    n_clients, n_requests = 8, 5
+    lock = threading.Lock()
+    in_flight, max_in_flight, threads_used, calls = 0, 0, set(), 0
+
+    def watched_policy(obs: dict) -> dict:
+        nonlocal in_flight, max_in_flight, calls
+        with lock:
+            in_flight += 1
+            max_in_flight = max(max_in_flight, in_flight)
+            threads_used.add(threading.get_ident())
+            calls += 1
+        time.sleep(0.002)  # widen the window in which an overlapping call would be seen
+        try:
+            return fake_policy(obs)
+        finally:
+            with lock:
+                in_flight -= 1
+
+    failures: list[BaseException] = []
+
+    def client(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        try:
+            with connect(port) as (conn, _):
+                for _ in range(n_requests):
+                    obs = random_observation(rng)
+                    assert_reply_answers(infer(conn, obs), obs)
+        except BaseException as e:
+            failures.append(e)
+
+    seeds = np.random.SeedSequence().generate_state(n_clients)
+    with running_server(watched_policy) as port:
+        workers = [threading.Thread(target=client, args=(int(seed),)) for seed in seeds]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(60)
+        assert not any(worker.is_alive() for worker in workers)
+    assert not failures, failures
+    assert calls == n_clients * n_requests
+    assert max_in_flight == 1 and len(threads_used) == 1
+
+
+def test_server_stays_responsive_while_the_policy_runs():
+    entered, release = threading.Event(), threading.Event()
+
+    def blocking_policy(obs: dict) -> dict:
+        entered.set()
+        assert release.wait(TIMEOUT_S)
+        return fake_policy(obs)
+
+    rng = np.random.default_rng()
+    with running_server(blocking_policy) as port:
+        with connect(port) as (first, _):
+            first_obs = random_observation(rng)
+            first.send(pack(first_obs))
+            assert entered.wait(TIMEOUT_S)
+            # The policy is busy: health checks and new connections must still be answered.
+            assert http_get(port, "/healthz")[0] == 200
+            with connect(port) as (second, metadata):
+                assert metadata["policy"] == "fake-libero"
+                second_obs = random_observation(rng)
+                second.send(pack(second_obs))
+                release.set()
+                assert_reply_answers(unpack(first.recv(timeout=TIMEOUT_S)), first_obs)
+                assert_reply_answers(unpack(second.recv(timeout=TIMEOUT_S)), second_obs)
+
+
+def test_sigint_stops_the_server_cleanly():
+    port = free_port()
+    code = (
+        "from pi_build.serve import serve\n"
+        f"serve(lambda obs: {{'actions': obs['observation/state']}}, port={port}, metadata={{'policy': 'echo'}})\n"
+        "print('returned')\n"
+    )
+    server = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # wait for the subprocess to listen
+            with contextlib.suppress(OSError):
+                if http_get(port, "/healthz")[0] == 200:
+                    break
+            assert time.monotonic() < deadline and server.poll() is None, server.stderr.read() if server.stderr else ""
+            time.sleep(0.05)
+        with connect(port) as (conn, metadata):
+            assert metadata == {"policy": "echo"}
+            server.send_signal(signal.SIGINT)
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                conn.recv(timeout=TIMEOUT_S)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001  # "going away"
+        stdout, stderr = server.communicate(timeout=TIMEOUT_S)
+        assert server.returncode == 0, stderr
+        assert stdout == "returned\n"
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait(TIMEOUT_S)
