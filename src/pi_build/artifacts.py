@@ -23,7 +23,8 @@ manifest.json keys (the first five rows are filled in by ``write_artifact``):
 | component, model_id | as in the path |
 | stage | export / quantize / compile / capture: the stage that produced it |
 | stages | {"export": {...}, "quantize": {...}, "compile": {...}, "capture": {...}}: what each stage did, its settings and timings |
-| engine_file | the name (in files) of the file a runtime loads |
+| engine_runner | how the runtime loads the engine: aoti, torch.compile, eager or tensorrt (backends.py) |
+| engine_files | the files (in files) that make up the engine |
 | backend | inductor (AOTInductor .pt2) / tensorrt / eager |
 | precision | fp32 / bf16 / fp8 |
 | steps | the recipe's denoise.steps (baked into the denoise engine) |

@@ -94,10 +94,10 @@ def run_bench(recipe_path: Path, engines: Path | None, step_counts: list[int], *
     for steps in step_counts:
         pipeline = load_pipeline(folder, recipe.name, device, steps=steps)
         capture = pipeline.capture() if graphs and device.type == "cuda" else {"captured": False}
-        log(f"{steps} steps: engines {', '.join(f'{c} {pipeline.manifests[c]['version']}' for c in COMPONENTS)}; graphs: {capture.get('captured')}")
+        versions = {c: pipeline.manifests[c]["version"] for c in COMPONENTS}
+        log(f"{steps} steps: engines {versions}; CUDA graphs: {capture.get('captured')}")
         engine_stats = _with_per_step(_measure(pipeline, iters, warmup), steps)
-        entry: dict[str, Any] = {"engines": engine_stats, "capture": capture,
-                                 "versions": {c: pipeline.manifests[c]["version"] for c in COMPONENTS}}
+        entry: dict[str, Any] = {"engines": engine_stats, "capture": capture, "versions": versions}
         if reference:
             if ref_model is None:
                 source = pipeline.manifests["vision"]["source"]["checkpoint"]

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from pi_build import accuracy, artifacts, backends
 from pi_build.components import COMPONENTS, Shapes, build_component, compute_dtype, reference_outputs
-from pi_build.model import CONFIGS, PiModel
+from pi_build.model import CONFIGS, PiModel, config_to_dict
 from pi_build.recipes import Recipe
 
 Log = Callable[[str], None]
@@ -76,7 +76,7 @@ def open_context(recipe: Recipe, engines: Path, log: Log = print) -> BuildContex
     if recipe.model.horizon != cfg.action_horizon:
         model.cfg = cfg = cfg.replace(action_horizon=recipe.model.horizon)
     source = {"checkpoint": str(recipe.checkpoint_path()), "weights_sha256": weights_id(info.weight_sha256),
-              "config": cfg.name, "pi05": cfg.pi05}
+              "config": cfg.name, "pi05": cfg.pi05, "model_config": config_to_dict(cfg)}
     return BuildContext(recipe, model, source, device, engines, log)
 
 
@@ -218,7 +218,8 @@ def component_inputs_from_observation(ctx: BuildContext, component: str, inputs)
     cache = ctx.model.kvcache(image_tokens, image_masks, inputs.tokens, inputs.token_masks)
     generator = torch.Generator().manual_seed(int(inputs.tokens.sum()))
     noise = torch.randn(images.shape[0], ctx.recipe.model.horizon, ctx.model.cfg.action_dim, generator=generator).to(ctx.device)
-    return noise, cache.k, cache.v, cache.prefix_mask, inputs.state
+    step = torch.randint(0, ctx.recipe.denoise.steps, (), generator=generator).to(ctx.device)
+    return noise, step, cache.k, cache.v, cache.prefix_mask, inputs.state
 
 
 def select_cameras(recipe: Recipe, images: Tensor, image_masks: Tensor) -> tuple[Tensor, Tensor]:
@@ -279,20 +280,25 @@ def stage_compile(ctx: BuildContext, component: str) -> Path:
         outputs = tuple(module(*inputs)) if component == "kvcache" else (module(*inputs),)
     with tempfile.TemporaryDirectory() as tmp:
         ctx.log(f"  compiling {component} with {spec.backend} ({spec.precision})")
-        engine_path = backends.compile_engine(module, inputs, spec.backend, Path(tmp))
+        engine_info = backends.compile_engine(module, inputs, spec.backend, Path(tmp))
         compile_seconds = time.perf_counter() - t0
-        engine = backends.load_engine(engine_path, spec.backend, ctx.device)
+        if engine_info["runner"] != "aoti" and spec.backend == "inductor":
+            ctx.log(f"  [yellow]{engine_info['aoti_problem']}[/]: the engine loads through torch.compile with its kernel cache")
+        engine = backends.load_engine(Path(tmp), engine_info["runner"], ctx.device)
         report = gate_module(ctx, component, engine, module, seed=int(time.time()))
         manifest = _manifest(ctx, component, "compile", {
             "inputs": _io_spec(module.input_names, inputs),
             "outputs": _io_spec(module.output_names, outputs),
-            "engine_file": engine_path.name,
+            "engine_runner": engine_info["runner"],
+            "engine_files": engine_info["files"],
+            "aoti_problem": engine_info.get("aoti_problem"),
+            "vocab_size": ctx.model.cfg.vocab_size,
             "fp8_scales": scales_ref,
             "accuracy": report,
             "build_seconds": time.perf_counter() - t0,
             "compile_seconds": compile_seconds,
         })
-        files = {p.name: p for p in Path(tmp).iterdir() if p.is_file()}
+        files = {name: Path(tmp) / name for name in engine_info["files"]}
         return artifacts.write_artifact(ctx.engines, ctx.recipe.name, component, files, manifest)
 
 

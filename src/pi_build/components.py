@@ -257,6 +257,11 @@ class KVCacheComponent(nn.Module):
 # ----------------------------------------------------------------------------- denoise (expert loop)
 
 
+def _at(table: Tensor, step: Tensor) -> Tensor:
+    """table[step] for an int64 scalar tensor step, in a form torch.export traces (no data-dependent guard)."""
+    return table.index_select(0, step.reshape(1)).squeeze(0)
+
+
 def euler_times(steps: int) -> list[Tensor]:
     """t_0 = 1, t_{i+1} = t_i + dt in float32, as the reference loop accumulates them."""
     dt = torch.tensor(-1.0 / steps, dtype=torch.float32)
@@ -268,8 +273,15 @@ def euler_times(steps: int) -> list[Tensor]:
 
 
 class DenoiseComponent(nn.Module):
-    input_names = ("noise", "k", "v", "prefix_mask", "state")
-    output_names = ("actions",)
+    """One Euler step x -> x + dt * v(x, t_step) over the cached prefix, for a fixed step count.
+
+    ``step`` is an int64 scalar tensor that indexes the precomputed per-step tables, so one
+    compiled engine serves every step of the loop (``denoise_loop`` runs it; a CUDA graph
+    captures the whole loop). The first call takes the noise (t = 1).
+    """
+
+    input_names = ("x", "step", "k", "v", "prefix_mask", "state")
+    output_names = ("x_next",)
 
     def __init__(self, model: PiModel, spec: Shapes, precision: str):
         super().__init__()
@@ -290,7 +302,7 @@ class DenoiseComponent(nn.Module):
                 self._precompute_adarms(model, times)
             else:
                 self._precompute_pi0_time(model, times)
-        self.register_buffer("ar_flags", suffix_ar_flags(cfg))
+        self.register_buffer("ar_flags", suffix_ar_flags(cfg.replace(action_horizon=spec.horizon)))
 
     def _precompute_adarms(self, model: PiModel, times: list[Tensor]) -> None:
         """Per step: every adaRMSNorm's (scale, shift, gate), from the time MLP at t_i."""
@@ -323,30 +335,31 @@ class DenoiseComponent(nn.Module):
         length = s.cameras * cfg.image_tokens + s.prompt_len
         shape = (cfg.llm.depth, s.batch, cfg.llm.num_kv_heads, length, cfg.llm.head_dim)
         noise = torch.randn(s.batch, s.horizon, cfg.action_dim, generator=generator)
+        step = torch.randint(0, s.steps, (), generator=generator)
         k, v = (torch.randn(shape, generator=generator).to(s.kv_dtype) for _ in range(2))
         valid_text = torch.randint(1, s.prompt_len + 1, (s.batch, 1), generator=generator)
         prefix_mask = torch.cat([torch.ones(s.batch, s.cameras * cfg.image_tokens, dtype=torch.bool),
                                  torch.arange(s.prompt_len)[None] < valid_text], dim=1)
         state = torch.randn(s.batch, cfg.action_dim, generator=generator)
-        return noise, k, v, prefix_mask, state
+        return noise, step, k, v, prefix_mask, state
 
-    def _norm(self, x: Tensor, step: int, layer: int | None, which: int) -> tuple[Tensor, Tensor | None]:
+    def _norm(self, x: Tensor, step: Tensor, layer: int | None, which: int) -> tuple[Tensor, Tensor | None]:
         """The expert's (ada)RMSNorm: which = 1 (before attention), 2 (before MLP); layer None = final norm."""
         if self.pi05:
-            mod = self.mod_final[step] if layer is None else (self.mod1 if which == 1 else self.mod2)[step, layer]
+            mod = _at(self.mod_final, step) if layer is None else _at(self.mod1 if which == 1 else self.mod2, step)[layer]
             scale, shift, gate = mod[0], mod[1], mod[2]
             return (rms_normalize(x) * (1 + scale) + shift).to(x.dtype), gate.to(x.dtype)
         weight = self.norm_final if layer is None else (self.norm1 if which == 1 else self.norm2)[layer]
         return (rms_normalize(x) * weight).to(x.dtype), None
 
-    def _suffix(self, x_t: Tensor, step: int, state: Tensor) -> Tensor:
+    def _suffix(self, x_t: Tensor, step: Tensor, state: Tensor) -> Tensor:
         actions = self.action_in(x_t)
         if self.pi05:
             return actions
-        h = F.silu(self.action_time_in(actions) + self.time_part[step])
+        h = F.silu(self.action_time_in(actions) + _at(self.time_part, step))
         return torch.cat([self.state_in(state)[:, None], self.action_time_out(h)], dim=1)
 
-    def velocity(self, x_t: Tensor, step: int, k_cache: Tensor, v_cache: Tensor, mask: Tensor, rope: tuple[Tensor, Tensor], state: Tensor) -> Tensor:
+    def velocity(self, x_t: Tensor, step: Tensor, k_cache: Tensor, v_cache: Tensor, mask: Tensor, rope: tuple[Tensor, Tensor], state: Tensor) -> Tensor:
         head_dim = self.cfg.expert.head_dim
         x = self._suffix(x_t, step, state).to(self.dtype)
         cos, sin = rope
@@ -363,18 +376,29 @@ class DenoiseComponent(nn.Module):
         h, _ = self._norm(x[:, -self.spec.horizon :], step, None, 0)
         return self.action_out(h.float())
 
-    def forward(self, noise: Tensor, k: Tensor, v: Tensor, prefix_mask: Tensor, state: Tensor) -> Tensor:
-        b, suffix_len = noise.shape[0], self.ar_flags.shape[0]
+    def forward(self, x: Tensor, step: Tensor, k: Tensor, v: Tensor, prefix_mask: Tensor, state: Tensor) -> Tensor:
+        b, suffix_len = x.shape[0], self.ar_flags.shape[0]
         cum = torch.cumsum(self.ar_flags, 0)
         within = (cum[None, :] <= cum[:, None])[None].expand(b, -1, -1)
         mask = torch.cat([prefix_mask[:, None, :].expand(b, suffix_len, -1), within], dim=2)
-        positions = prefix_mask.sum(-1, keepdim=True) + torch.arange(suffix_len, device=noise.device)
+        positions = prefix_mask.sum(-1, keepdim=True) + torch.arange(suffix_len, device=x.device)
         rope = rope_tables(positions, self.cfg.expert.head_dim, self.dtype)
-        k, v = k.to(self.dtype), v.to(self.dtype)
-        x = noise.float()
-        for step in range(self.steps):
-            x = x + self.dt * self.velocity(x, step, k, v, mask, rope, state.float())
-        return x
+        x = x.float()
+        return x + self.dt * self.velocity(x, step, k.to(self.dtype), v.to(self.dtype), mask, rope, state.float())
+
+
+def denoise_loop(step_fn, noise: Tensor, k: Tensor, v: Tensor, prefix_mask: Tensor, state: Tensor, steps: Tensor | int) -> Tensor:
+    """Run a denoise step engine (or module) over every step: noise at t = 1 -> actions at t = 0.
+
+    ``steps`` is the step count, or a prepared int64 tensor [steps] of step indices on the device
+    (the runtime keeps one, so that a CUDA graph can capture the loop).
+    """
+    indices = torch.arange(steps, device=noise.device) if isinstance(steps, int) else steps
+    x = noise
+    for i in range(indices.shape[0]):
+        out = step_fn(x, indices[i], k, v, prefix_mask, state)
+        x = out[0] if isinstance(out, (tuple, list)) else out
+    return x
 
 
 # ----------------------------------------------------------------------------- building and reference
@@ -412,7 +436,9 @@ def reference_outputs(model: PiModel, name: str, inputs: tuple[Tensor, ...], ste
     if name == "kvcache":
         cache = model.kvcache(*inputs)
         return cache.k, cache.v, cache.prefix_mask
-    if name == "denoise":
-        noise, k, v, prefix_mask, state = inputs
-        return (model.denoise(noise, KVCache(k, v, prefix_mask), state, steps),)
+    if name == "denoise":  # one Euler step from step index `step`, as the engine computes it
+        x, step, k, v, prefix_mask, state = inputs
+        t = euler_times(steps)[int(step)].to(x.device).expand(x.shape[0])
+        velocity = model.denoise_step(x.float(), t, KVCache(k, v, prefix_mask), state)
+        return (x.float() + torch.tensor(-1.0 / steps, dtype=torch.float32) * velocity,)
     raise ValueError(f"unknown component {name!r}")

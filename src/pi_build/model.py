@@ -100,6 +100,16 @@ CONFIGS: dict[str, Config] = {
 }
 
 
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(data: dict) -> Config:
+    """Inverse of config_to_dict (manifests record the exact config an engine was built for)."""
+    return Config(**{**data, "vision": SiglipConfig(**data["vision"]), "llm": GemmaConfig(**data["llm"]),
+                     "expert": GemmaConfig(**data["expert"])})
+
+
 def get_config(name: str) -> Config:
     if name not in CONFIGS:
         raise KeyError(f"unknown model config {name!r}; known: {', '.join(CONFIGS)}")

@@ -64,7 +64,9 @@ BACKENDS = ("inductor", "tensorrt", "eager")
 PRECISIONS = ("fp32", "bf16", "fp8")  # most precise first
 DEVICES = ("auto", "cuda", "cpu")
 CALIBRATIONS = ("recorded", "generated")  # anything else must be a path to an .npz file
-KEEP_HIGH_PRECISION = ("action_in_proj", "action_out_proj", "time_mlp", "state_proj", "norm")
+# fnmatch patterns over the components' linear layer names (pi_build.components): the small
+# float32 action/state/time projections of the denoise loop.
+KEEP_HIGH_PRECISION = ("action_in", "action_out", "action_time_*", "state_in")
 
 
 class RecipeError(ValueError):

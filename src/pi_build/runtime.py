@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from pi_build import accuracy, artifacts, backends
-from pi_build.components import COMPONENTS
+from pi_build.components import COMPONENTS, denoise_loop
 from pi_build.model import ModelInputs
 
 CAMERAS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
@@ -46,13 +46,14 @@ class Pipeline:
         self.batch: int = manifests["vision"]["batch"]
         self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
         self._static: dict[str, Tensor] = {}
+        self._step_indices = torch.arange(self.steps, device=device)  # on the device: graph-capturable loop
 
     # -------------------------------------------------------------- eager (graph-free) path
 
     def _stages(self, images: Tensor, image_masks: Tensor, tokens: Tensor, token_masks: Tensor, noise: Tensor, state: Tensor):
         (image_tokens,) = self.engines["vision"](images)
         k, v, prefix_mask = self.engines["kvcache"](image_tokens, image_masks, tokens, token_masks)
-        (actions,) = self.engines["denoise"](noise, k, v, prefix_mask, state)
+        actions = denoise_loop(self.engines["denoise"], noise, k, v, prefix_mask, state, self._step_indices)
         return image_tokens, k, v, prefix_mask, actions
 
     def select_cameras(self, images: Tensor, image_masks: Tensor) -> tuple[Tensor, Tensor]:
@@ -79,7 +80,7 @@ class Pipeline:
             "image_masks": self.manifests["kvcache"]["inputs"]["image_masks"]["shape"],
             "tokens": self.manifests["kvcache"]["inputs"]["tokens"]["shape"],
             "token_masks": self.manifests["kvcache"]["inputs"]["token_masks"]["shape"],
-            "noise": self.manifests["denoise"]["inputs"]["noise"]["shape"],
+            "noise": self.manifests["denoise"]["inputs"]["x"]["shape"],
             "state": self.manifests["denoise"]["inputs"]["state"]["shape"],
         }
         for name, t in zip(INPUT_NAMES, inputs):
@@ -96,7 +97,7 @@ class Pipeline:
         vocab = int(self.manifests["kvcache"].get("vocab_size", 256))
         tokens = torch.randint(1, vocab, (b, length), generator=g)
         token_masks = torch.arange(length)[None] < torch.randint(1, length + 1, (b, 1), generator=g)
-        noise = torch.randn(din["noise"]["shape"], generator=g)
+        noise = torch.randn(din["x"]["shape"], generator=g)
         state = torch.randn(din["state"]["shape"], generator=g)
         return tuple(t.to(self.device) for t in (images, image_masks, tokens, token_masks, noise, state))
 
@@ -128,8 +129,8 @@ class Pipeline:
                 static["image_tokens"], static["image_masks"], static["tokens"], static["token_masks"])
         graphs["denoise"] = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graphs["denoise"], pool=pool):
-            (static["component_actions"],) = self.engines["denoise"](
-                static["noise"], static["k"], static["v"], static["prefix_mask"], static["state"])
+            static["component_actions"] = denoise_loop(self.engines["denoise"], static["noise"], static["k"], static["v"],
+                                                       static["prefix_mask"], static["state"], self._step_indices)
         # ...and the whole pipeline as one graph (what `run` replays).
         graphs["all"] = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graphs["all"]):
@@ -189,7 +190,7 @@ class Pipeline:
 
         def denoise():
             k, v, mask = box["kv"]
-            box["actions"] = self.engines["denoise"](noise, k, v, mask, state)
+            box["actions"] = denoise_loop(self.engines["denoise"], noise, k, v, mask, state, self._step_indices)
 
         return [vision, kvcache, denoise]
 
@@ -219,7 +220,7 @@ def load_pipeline(engines: Path, model_id: str, device: torch.device | str, *, s
     loaded = {}
     for name, art in arts.items():
         m = art.manifest
-        loaded[name] = backends.load_engine(art.path / m["engine_file"], m["backend"], device)
+        loaded[name] = backends.load_engine(art.path, m["engine_runner"], device)
     return Pipeline(loaded, {n: a.manifest for n, a in arts.items()}, device)
 
 
@@ -331,3 +332,17 @@ class Policy:
         t3 = time.perf_counter()
         return {"actions": actions, "policy_timing": {"preprocess_ms": (t1 - t0) * 1e3, "infer_ms": (t2 - t1) * 1e3,
                                                       "postprocess_ms": (t3 - t2) * 1e3}}
+
+
+def load_policy(engines: Path, model_id: str, device: torch.device | str, *, steps: int | None = None,
+                checkpoint: Path | None = None, graphs: bool = True, seed: int = 0) -> Policy:
+    """Engines + the observation transforms of the checkpoint they were built from (or ``checkpoint``)."""
+    from pi_build.model import config_from_dict
+
+    pipeline = load_pipeline(engines, model_id, device, steps=steps)
+    if graphs and pipeline.device.type == "cuda":
+        pipeline.capture()
+    source = pipeline.manifests["vision"]["source"]
+    cfg = config_from_dict(source["model_config"]).replace(action_horizon=pipeline.horizon)
+    transforms = load_transforms(Path(checkpoint or source["checkpoint"]), cfg)
+    return Policy(pipeline, transforms, seed=seed)

@@ -186,6 +186,7 @@ def checkpoint(
     horizon: Annotated[Optional[int], typer.Option("--horizon")] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     dtype: Annotated[str, typer.Option("--dtype", help="stored dtype: float32 or bfloat16")] = "float32",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing folder")] = False,
 ) -> None:
     """Create a random-weight checkpoint (with a tiny tokenizer and norm stats): demo, tests, speed work."""
     import tempfile
@@ -200,7 +201,7 @@ def checkpoint(
         tokenizer = train_tiny_tokenizer(Path(tmp) / "tokenizer.model")
         path = make_random_checkpoint(config, out, seed=seed, layout=layout, horizon=horizon,
                                       dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32,
-                                      norm_stats=random_libero_norm_stats(seed), tokenizer_model=tokenizer)
+                                      norm_stats=random_libero_norm_stats(seed), tokenizer_model=tokenizer, overwrite=overwrite)
     console.print(f"wrote {config} ({layout} layout) to {path}")
 
 

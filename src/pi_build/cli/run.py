@@ -155,5 +155,114 @@ def bench(
         console.print(f"chart: {png}")
 
 
+# ----------------------------------------------------------------------------- libero and serve
+
+
+def _policy(recipe: Path | None, engines: Path | None, model_id: str | None, steps: int | None, device: str):
+    """Load the engines of a recipe's model (or of --model-id) as a policy."""
+    import torch
+
+    from pi_build import artifacts
+    from pi_build.runtime import load_policy
+
+    if recipe is not None:
+        from pi_build.recipes import load_recipe
+
+        r = load_recipe(recipe)
+        model_id = model_id or r.name
+        if device == "auto":
+            device = r.model.device
+    if model_id is None:
+        raise typer.BadParameter("give --recipe or --model-id to say which engines to load")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    folder = artifacts.engines_dir(engines)
+    console.print(f"loading {model_id} engines from {folder} on {device}" + (f" ({steps} steps)" if steps else ""))
+    return load_policy(folder, model_id, device, steps=steps)
+
+
+@app.command()
+def libero(
+    recipe: Annotated[Optional[Path], typer.Option("--recipe", "-r", help="recipe whose engines to load")] = None,
+    engines: EnginesOpt = None,
+    model_id: Annotated[Optional[str], typer.Option("--model-id", help="engines' model id (default: the recipe's name)")] = None,
+    suite: Annotated[str, typer.Option("--suite")] = "libero_spatial",
+    tasks: Annotated[Optional[str], typer.Option("--tasks", help="comma-separated task ids (default: all)")] = None,
+    trials: Annotated[int, typer.Option("--trials", min=1)] = 50,
+    quick: Annotated[bool, typer.Option("--quick", help="3 tasks x 3 trials")] = False,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="denoising steps (picks the denoise engine)")] = None,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="cap on episode length (smoke runs)")] = None,
+    video: Annotated[Optional[Path], typer.Option("--video", help="write an MP4 per episode here")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="results JSON")] = None,
+    assets: Annotated[Optional[Path], typer.Option("--assets", help="LIBERO assets folder [env PI_BUILD_LIBERO_ASSETS]")] = None,
+    seed: Annotated[int, typer.Option("--seed")] = 7,
+    device: Annotated[str, typer.Option("--device")] = "auto",
+) -> None:
+    """Closed-loop evaluation in the LIBERO simulator, with openpi's protocol."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from pi_build.envs import libero as env
+    from pi_build.runtime import latency_stats
+
+    env.setup_libero(assets)
+    task_ids = [int(t) for t in tasks.split(",")] if tasks else None
+    if quick:
+        task_ids, trials = (task_ids or [0, 1, 2])[:3], 3
+    policy = _policy(recipe, engines, model_id, steps, device)
+    timings: list[dict] = []
+
+    def timed_policy(obs: dict):
+        reply = policy(obs)
+        timings.append(reply["policy_timing"])
+        return reply["actions"]
+
+    n_tasks = len(task_ids) if task_ids is not None else len(env.list_tasks(suite))
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
+        job = bar.add_task(f"{suite} episodes", total=n_tasks * trials)
+        result = env.evaluate(suite, task_ids, trials, timed_policy, max_steps=max_steps, seed=seed, video_dir=video,
+                              progress=lambda task, trial, r: bar.advance(job))
+    table = Table(title=f"{suite}: success")
+    for col in ("task", "description", "success", "episodes"):
+        table.add_column(col)
+    for task in result.tasks:
+        table.add_row(str(task.task_id), task.description, f"{task.success_rate:.0%}", str(len(task.episodes)))
+    table.add_row("all", "", f"{result.success_rate:.0%}", str(sum(len(t.episodes) for t in result.tasks)))
+    console.print(table)
+    latency = {k: latency_stats([t[k] for t in timings]) for k in timings[0]} if timings else {}
+    lat = Table(title=f"policy latency during the run (ms, {policy.pipeline.device})")
+    for col in ("stage", "mean", "std", "p50", "p95", "n"):
+        lat.add_column(col, justify="right")
+    for k, s in latency.items():
+        lat.add_row(k, f"{s['mean']:.2f}", f"{s['std']:.2f}", f"{s['p50']:.2f}", f"{s['p95']:.2f}", str(s["count"]))
+    console.print(lat)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps({**result.to_dict(), "latency_ms": latency}, indent=2))
+        tmp.replace(out)
+        console.print(f"results: {out}")
+
+
+@app.command()
+def serve(
+    recipe: Annotated[Optional[Path], typer.Option("--recipe", "-r")] = None,
+    engines: EnginesOpt = None,
+    model_id: Annotated[Optional[str], typer.Option("--model-id")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps")] = None,
+    host: Annotated[str, typer.Option("--host", help="0.0.0.0 to accept remote robots")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port")] = 8000,
+    device: Annotated[str, typer.Option("--device")] = "auto",
+) -> None:
+    """A websocket policy server speaking openpi's protocol (openpi-client works unchanged)."""
+    from pi_build import serve as server
+
+    policy = _policy(recipe, engines, model_id, steps, device)
+    p = policy.pipeline
+    metadata = {"model_id": p.manifests["vision"]["model_id"], "horizon": p.horizon, "steps": p.steps,
+                "cameras": list(p.cameras), "engines": {c: p.manifests[c]["version"] for c in p.manifests}}
+    console.print(f"serving on ws://{host}:{port} (GET /healthz); Ctrl-C stops")
+    server.serve(policy, host=host, port=port, metadata=metadata)
+
+
 if __name__ == "__main__":
     app()
