@@ -15,53 +15,7 @@ from pi_build.checkpoints import load_checkpoint
 from pi_build.model import ModelInputs
 from pi_build.runtime import load_pipeline, load_policy
 
-runner = CliRunner()
-
-RECIPE = """
-name = "t"
-[model]
-checkpoint = "{checkpoint}"
-config = "pi05_tiny"
-cameras = ["base_0_rgb", "left_wrist_0_rgb"]
-masked_cameras = ["right_wrist_0_rgb"]
-prompt_len = 200
-horizon = 10
-device = "cpu"
-[vision]
-backend = "inductor"
-precision = "fp32"
-[kvcache]
-backend = "eager"
-precision = "fp8"
-[denoise]
-backend = "eager"
-precision = "fp32"
-steps = 2
-[quantize]
-calibration = "recorded"
-samples = 4
-"""
-
-
-def invoke(app, args):
-    result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-    return result
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("build")
-    ckpt = root / "ckpt"
-    assert invoke(build_app, ["checkpoint", "--config", "pi05_tiny", "--horizon", "10", "--out", ckpt]).exit_code == 0
-    other = root / "other_ckpt"  # same architecture, other weights
-    assert invoke(build_app, ["checkpoint", "--config", "pi05_tiny", "--horizon", "10", "--seed", "1", "--out", other]).exit_code == 0
-    recipe = root / "t.toml"
-    recipe.write_text(RECIPE.format(checkpoint=ckpt))
-    engines = root / "engines"
-    result = invoke(build_app, ["all", "--recipe", recipe, "--engines", engines, "--skip", "export"])
-    assert result.exit_code == 0, result.output
-    return {"root": root, "ckpt": ckpt, "other": other, "recipe": recipe, "engines": engines, "build_output": result.output}
-
+from conftest import RECIPE, invoke, runner
 
 def test_build_lands_every_stage_with_manifests(workspace):
     engines = workspace["engines"]
@@ -194,3 +148,17 @@ def test_bench_cpu_table_and_json(workspace, tmp_path):
     assert png.stat().st_size > 1000 and "speed-up" in result.output
     missing = runner.invoke(run_app, ["bench", "--recipe", workspace["recipe"], "--engines", workspace["engines"], "--steps", "7"])
     assert missing.exit_code != 0 and "7 steps" in str(missing.exception)
+
+
+def test_libero_cli_runs_a_short_real_episode(workspace, tmp_path):
+    pytest.importorskip("libero", reason="LIBERO is not installed: run `bash scripts/install_libero.sh`")
+    out, video = tmp_path / "libero.json", tmp_path / "videos"
+    result = invoke(run_app, ["libero", "--recipe", workspace["recipe"], "--engines", workspace["engines"], "--suite", "libero_spatial",
+                              "--tasks", "0", "--trials", "1", "--max-steps", "10", "--out", out, "--video", video])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    (episode,) = data["tasks"][0]["episodes"]
+    assert episode["steps"] == 10 and episode["policy_calls"] == 2  # replan every 5 actions
+    assert data["latency_ms"]["infer_ms"]["count"] == 2 and data["success_rate"] in (0.0, 1.0)
+    assert len(list(video.glob("*.mp4"))) == 1
+    assert "success" in result.output and "infer_ms" in result.output

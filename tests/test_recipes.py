@@ -88,7 +88,7 @@ def test_defaults_for_omitted_fields(tmp_path):
     assert (r.model.config, r.model.masked_cameras, r.model.batch, r.model.device) == (None, (), 1, "auto")
     assert (r.vision.backend, r.vision.precision, r.denoise.steps) == ("inductor", "bf16", 10)
     assert r.quantize.calibration == "generated"
-    assert "action_out_proj" in r.quantize.keep_high_precision
+    assert "action_out" in r.quantize.keep_high_precision
     assert r.actions_gate() == r.gates.actions.bf16
 
 

@@ -510,3 +510,19 @@ def test_sigint_stops_the_server_cleanly():
         if server.poll() is None:
             server.kill()
             server.wait(TIMEOUT_S)
+
+
+def test_serves_the_real_policy_over_built_engines(workspace):
+    """The runtime's Policy over the tiny engines behind the server: LIBERO actions come back."""
+    from pi_build.envs.libero import load_recorded_observations
+    from pi_build.runtime import load_policy
+
+    policy = load_policy(workspace["engines"], "t", "cpu")
+    observations = load_recorded_observations()[:2]
+    with running_server(policy) as port, connect(port) as (conn, metadata):
+        assert set(metadata) == set(METADATA)
+        for obs in observations:
+            request = {k: obs[k] for k in ("observation/image", "observation/wrist_image", "observation/state", "prompt")}
+            reply = infer(conn, request)
+            assert reply["actions"].shape == (10, 7) and np.isfinite(reply["actions"]).all()
+            assert reply["server_timing"]["infer_ms"] > 0 and reply["policy_timing"]["infer_ms"] > 0

@@ -159,28 +159,27 @@ def print_tables(results: dict[str, Any], console) -> None:
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
-    """Stacked bars (vision, kvcache, denoise) per step count, engines beside the reference."""
+    """Stacked bars (vision, kvcache, denoise) per step count: engines left, eager reference right."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels, stacks = [], []
-    for steps, entry in results["steps"].items():
-        for kind in ("engines", "reference"):
-            if kind in entry:
-                labels.append(f"{steps} steps\n{kind}")
-                stacks.append([entry[kind][c]["p50"] for c in COMPONENTS])
-    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(labels)), 4))
-    bottom = [0.0] * len(labels)
-    for i, comp in enumerate(COMPONENTS):
-        values = [s[i] for s in stacks]
-        ax.bar(labels, values, bottom=bottom, label=comp)
-        bottom = [b + v for b, v in zip(bottom, values)]
-    ax.set_ylabel("p50 latency (ms)")
-    ax.set_yscale("log")
-    ax.set_title(f"{results['recipe']} on {results['device'].get('name')}")
-    ax.legend()
+    kinds = [k for k in ("engines", "reference") if any(k in e for e in results["steps"].values())]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 4), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        labels = [f"{steps} steps" for steps, e in results["steps"].items() if kind in e]
+        bottom = [0.0] * len(labels)
+        for comp in COMPONENTS:
+            values = [e[kind][comp]["p50"] for e in results["steps"].values() if kind in e]
+            ax.bar(labels, values, bottom=bottom, label=comp)
+            bottom = [b + v for b, v in zip(bottom, values)]
+        for i, total in enumerate(bottom):
+            ax.annotate(f"{total:.1f} ms", (i, total), ha="center", va="bottom")
+        ax.set_title(kind)
+        ax.set_ylabel("p50 latency (ms)")
+        ax.legend()
+    fig.suptitle(f"{results['recipe']} on {results['device'].get('name')}")
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp)
