@@ -1,6 +1,5 @@
 """Shared fixtures: a tiny checkpoint and its engines, built once per test session through the CLI."""
 
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -39,10 +38,6 @@ calibration = "recorded"
 samples = 4
 """
 
-
-def invoke(app, args):
-    result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-    return result
 
 
 @pytest.fixture(scope="session")

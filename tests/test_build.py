@@ -2,11 +2,9 @@
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from pi_build import artifacts, backends
 from pi_build.cli.build import app as build_app
@@ -162,3 +160,17 @@ def test_libero_cli_runs_a_short_real_episode(workspace, tmp_path):
     assert data["latency_ms"]["infer_ms"]["count"] == 2 and data["success_rate"] in (0.0, 1.0)
     assert len(list(video.glob("*.mp4"))) == 1
     assert "success" in result.output and "infer_ms" in result.output
+
+
+def test_export_stage_lands_verified_onnx(workspace, tmp_path):
+    engines = tmp_path / "engines"
+    result = invoke(build_app, ["export", "--recipe", workspace["recipe"], "--engines", engines, "vision", "denoise"])
+    assert result.exit_code == 0, result.output
+    for component in ("vision", "denoise"):
+        art = artifacts.load_artifact(artifacts.latest_artifact(engines, "t", f"{component}-onnx"))
+        artifacts.verify_artifact(art)
+        assert f"{component}.onnx" in art.manifest["files"]
+        check = art.manifest["onnx"]["onnxruntime_check"]
+        assert check["checks"] == 2
+        out_name = "image_tokens" if component == "vision" else "x_next"
+        assert check["outputs"][out_name]["rel_err"] < 1e-4 and check["outputs"][out_name]["cosine"] > 0.9999

@@ -7,7 +7,6 @@ import torch
 
 from pi_build.model import (
     CONFIGS,
-    KVCache,
     ModelInputs,
     attention,
     build_model,

@@ -7,19 +7,8 @@ comparison looks at valid slots only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
-
-
-@dataclass(frozen=True)
-class Gate:
-    cosine: float  # at least
-    rel_err: float  # at most
-
-    def check(self, m: dict[str, float]) -> bool:
-        return m["cosine"] >= self.cosine and m["rel_err"] <= self.rel_err
 
 
 def metrics(out: Tensor, ref: Tensor) -> dict[str, float]:

@@ -16,7 +16,7 @@ import torch
 
 from pi_build import artifacts, roofline
 from pi_build.components import COMPONENTS, Shapes
-from pi_build.model import KVCache, ModelInputs, PiModel
+from pi_build.model import ModelInputs, PiModel
 from pi_build.runtime import Pipeline, latency_stats, load_pipeline
 
 ROWS = ("vision", "kvcache", "denoise", "denoise_per_step", "end_to_end")
@@ -69,7 +69,7 @@ def _reference_inputs(pipeline: Pipeline, model: PiModel, seed: int) -> tuple[Mo
     for i, cam in enumerate(pipeline.cameras):
         full[:, cams.index(cam)] = images[:, i]
         full_masks[:, cams.index(cam)] = image_masks[:, i]
-    return ModelInputs(full.to(model.dtype if model.dtype != torch.float32 else torch.float32), full_masks, tokens, token_masks, state), noise
+    return ModelInputs(full, full_masks, tokens, token_masks, state), noise
 
 
 def _with_per_step(stats: dict[str, dict], steps: int) -> dict[str, dict]:

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from pi_build import accuracy, artifacts, backends
 from pi_build.components import COMPONENTS, Shapes, build_component, compute_dtype, reference_outputs
 from pi_build.model import CONFIGS, PiModel, config_to_dict
-from pi_build.recipes import Recipe
+from pi_build.recipes import Recipe, recipe_hash
 
 Log = Callable[[str], None]
 
@@ -114,18 +114,12 @@ def _manifest(ctx: BuildContext, component: str, stage: str, extra: dict[str, An
         "cameras": list(m.cameras),
         "source": ctx.source,
         "recipe": ctx.recipe.to_dict(),
-        "recipe_sha256": _recipe_sha(ctx.recipe),
+        "recipe_sha256": recipe_hash(ctx.recipe),
         "toolchain": artifacts.toolchain_versions(),
         "device": artifacts.device_info(ctx.device),
     }
     manifest.update(extra)
     return manifest
-
-
-def _recipe_sha(recipe: Recipe) -> str:
-    from pi_build.recipes import recipe_hash
-
-    return recipe_hash(recipe)
 
 
 def check_gate(component: str, metrics: dict[str, float], gate) -> dict[str, Any]:
@@ -318,8 +312,7 @@ def stage_capture(ctx: BuildContext) -> Path:
         "accuracy": check,
         "build_seconds": time.perf_counter() - t0,
     })
-    with tempfile.TemporaryDirectory() as tmp:
-        return artifacts.write_artifact(ctx.engines, ctx.recipe.name, "pipeline", {}, manifest)
+    return artifacts.write_artifact(ctx.engines, ctx.recipe.name, "pipeline", {}, manifest)
 
 
 def run_stages(ctx: BuildContext, component: str, stages: list[str]) -> list[Path]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import os
 import time
 from pathlib import Path
 from typing import Annotated, Optional
