@@ -174,3 +174,28 @@ def test_export_stage_lands_verified_onnx(workspace, tmp_path):
         assert check["checks"] == 2
         out_name = "image_tokens" if component == "vision" else "x_next"
         assert check["outputs"][out_name]["rel_err"] < 1e-4 and check["outputs"][out_name]["cosine"] > 0.9999
+
+
+def test_quantize_calibrates_on_a_users_observation_file(workspace, tmp_path):
+    import numpy as np
+
+    from pi_build import fp8
+    from pi_build.envs.libero import load_recorded_observations
+
+    obs = load_recorded_observations()[:3]
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, base=np.stack([o["observation/image"] for o in obs]), wrist=np.stack([o["observation/wrist_image"] for o in obs]),
+             state=np.stack([o["observation/state"] for o in obs]), prompt=np.array([o["prompt"] for o in obs]))
+    engines = tmp_path / "engines"
+    result = invoke(build_app, ["quantize", "--recipe", workspace["recipe"], "--engines", engines, "kvcache",
+                                "--set", f"quantize.calibration={calib}", "--set", "quantize.samples=2"])
+    assert result.exit_code == 0, result.output
+    art = artifacts.load_artifact(artifacts.latest_artifact(engines, "t", "kvcache-fp8-scales"))
+    assert art.manifest["quantize"]["calibration"] == str(calib) and art.manifest["quantize"]["samples"] == 2
+    scales = fp8.load_scales(art.path / "scales.json")
+    assert scales and all(s["input_amax"] > 0 for s in scales.values())
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, base=np.zeros((1, 224, 224, 3), np.uint8))
+    result = runner.invoke(build_app, ["quantize", "--recipe", workspace["recipe"], "--engines", engines, "kvcache",
+                                       "--set", f"quantize.calibration={bad}"])
+    assert result.exit_code != 0 and "missing arrays" in str(result.exception)

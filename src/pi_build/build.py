@@ -179,6 +179,8 @@ def stage_export(ctx: BuildContext, component: str) -> Path:
         check = onnx_export.verify_onnx(path, module, generator=torch.Generator().manual_seed(2))
         files = {p.name: p for p in Path(tmp).iterdir()}
         manifest = _manifest(ctx, f"{component}-onnx", "export", {
+            "backend": "onnx",
+            "precision": "fp32",  # the float32 graph; TensorRT picks its precision at its build
             "inputs": _io_spec(module.input_names, inputs),
             "onnx": {"cleaning": cleaning, "onnxruntime_check": check},
             "build_seconds": time.perf_counter() - t0,
@@ -243,6 +245,7 @@ def stage_quantize(ctx: BuildContext, component: str) -> Path:
         path = Path(tmp) / "scales.json"
         fp8.save_scales(scales, path)
         manifest = _manifest(ctx, f"{component}-fp8-scales", "quantize", {
+            "backend": "modelopt",
             "quantize": {"calibration": q.calibration, "samples": len(batches), "layers": len(scales),
                          "keep_high_precision": list(q.keep_high_precision)},
             "build_seconds": time.perf_counter() - t0,

@@ -255,9 +255,7 @@ def load_observations(source: str) -> list[dict]:
     """'recorded' = the LIBERO observations shipped with pi-build; else a path to an .npz of the same layout."""
     from pi_build.envs import libero
 
-    if source == "recorded":
-        return libero.load_recorded_observations()
-    return libero.load_observations_npz(Path(source))
+    return libero.load_recorded_observations(None if source == "recorded" else Path(source))
 
 
 def load_transforms(checkpoint: Path, cfg):

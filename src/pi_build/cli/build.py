@@ -71,11 +71,11 @@ def _run(recipe: Path, engines: Path | None, overrides: dict, plan: list[tuple[s
     except BuildError as exc:
         console.print(f"[red]build failed:[/] {exc}")
         raise typer.Exit(1) from exc
-    _summary([artifacts.load_artifact(p) for p in landed], time.perf_counter() - t0)
+    _summary([artifacts.load_artifact(p) for p in landed], f"built in {time.perf_counter() - t0:.1f} s")
 
 
-def _summary(arts: list[artifacts.Artifact], seconds: float) -> None:
-    table = Table(title=f"built in {seconds:.1f} s")
+def _summary(arts: list[artifacts.Artifact], title: str) -> None:
+    table = Table(title=title)
     for col in ("artifact", "stage", "backend", "precision", "MB", "cosine", "rel err", "gate", "seconds"):
         table.add_column(col)
     for a in arts:
@@ -161,7 +161,7 @@ def list_(engines: EnginesOpt = None) -> None:
     if not arts:
         console.print(f"no artifacts under {folder}")
         return
-    _summary(arts, 0.0)
+    _summary(arts, f"artifacts under {folder}")
 
 
 @app.command()

@@ -477,22 +477,38 @@ def evaluate(
 RECORDED_OBSERVATIONS = "libero_observations.npz"
 
 
-def load_recorded_observations() -> list[dict[str, Any]]:
-    """Real LIBERO request dicts recorded once, for tests and demos that must not need the simulator.
+OBSERVATION_KEYS = ("base", "wrist", "state", "prompt")  # arrays of an observations .npz
 
+
+def load_recorded_observations(path: Path | None = None) -> list[dict[str, Any]]:
+    """Real LIBERO request dicts recorded once, for tests, calibration and demos without the simulator.
+
+    ``path``: an .npz of the same layout (base, wrist [N, 224, 224, 3] uint8, state [N, 8],
+    prompt [N] str; suite and task_id optional), e.g. a calibration set of your own; None = the
+    set shipped with pi-build (made by scripts/record_libero_observations.py).
     Each dict has the openpi request keys plus `suite` and `task_id`; no LIBERO install needed.
     """
-    resource = importlib.resources.files("pi_build") / "data" / RECORDED_OBSERVATIONS
-    with importlib.resources.as_file(resource) as path, np.load(path, allow_pickle=False) as data:
-        arrays = {key: data[key] for key in data.files}
+    if path is None:
+        resource = importlib.resources.files("pi_build") / "data" / RECORDED_OBSERVATIONS
+        with importlib.resources.as_file(resource) as file:
+            return load_recorded_observations(Path(file))
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read observations from {path}: {exc}") from exc
+    missing = [key for key in OBSERVATION_KEYS if key not in arrays]
+    if missing:
+        raise ValueError(f"{path}: missing arrays {missing}; an observations .npz holds {list(OBSERVATION_KEYS)}")
+    n = len(arrays["base"])
     return [
         {
             "observation/image": arrays["base"][i],
             "observation/wrist_image": arrays["wrist"][i],
             "observation/state": arrays["state"][i],
             "prompt": str(arrays["prompt"][i]),
-            "suite": str(arrays["suite"][i]),
-            "task_id": int(arrays["task_id"][i]),
+            "suite": str(arrays["suite"][i]) if "suite" in arrays else "",
+            "task_id": int(arrays["task_id"][i]) if "task_id" in arrays else -1,
         }
-        for i in range(len(arrays["base"]))
+        for i in range(n)
     ]
