@@ -199,3 +199,23 @@ def test_quantize_calibrates_on_a_users_observation_file(workspace, tmp_path):
     result = runner.invoke(build_app, ["quantize", "--recipe", workspace["recipe"], "--engines", engines, "kvcache",
                                        "--set", f"quantize.calibration={bad}"])
     assert result.exit_code != 0 and "missing arrays" in str(result.exception)
+
+
+def test_pi0_builds_and_matches_its_reference(tmp_path):
+    """pi0 (state token, action-time MLP, 48-token prompt, delta actions) through every stage."""
+    ckpt = tmp_path / "pi0"
+    assert invoke(build_app, ["checkpoint", "--config", "pi0_tiny", "--horizon", "10", "--out", ckpt]).exit_code == 0
+    recipe = tmp_path / "pi0.toml"
+    recipe.write_text(RECIPE.format(checkpoint=ckpt).replace('name = "t"', 'name = "p"').replace("pi05_tiny", "pi0_tiny")
+                      .replace("prompt_len = 200", "prompt_len = 48").replace('backend = "inductor"', 'backend = "eager"'))
+    engines = tmp_path / "engines"
+    result = invoke(build_app, ["all", "--recipe", recipe, "--engines", engines, "--skip", "export"])
+    assert result.exit_code == 0, result.output
+    pipeline_manifest = artifacts.load_artifact(artifacts.latest_artifact(engines, "p", "pipeline")).manifest
+    assert pipeline_manifest["accuracy"]["passed"] and pipeline_manifest["source"]["pi05"] is False
+    policy = load_policy(engines, "p", "cpu")
+    from pi_build.envs.libero import load_recorded_observations
+
+    obs = load_recorded_observations()[1]
+    actions = policy(obs)["actions"]
+    assert actions.shape == (10, 7)

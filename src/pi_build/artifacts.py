@@ -230,7 +230,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 hex digest of a file, read in 8 MiB chunks (weights are gigabytes)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 23):
@@ -278,7 +279,7 @@ def verify_artifact(artifact: Artifact) -> None:
             problems.append(f"{name}: missing")
         elif (size := path.stat().st_size) != entry["bytes"]:
             problems.append(f"{name}: {size} bytes, the manifest says {entry['bytes']}")
-        elif (digest := _sha256(path)) != entry["sha256"]:
+        elif (digest := file_sha256(path)) != entry["sha256"]:
             problems.append(f"{name}: sha256 {digest[:16]}... differs from the manifest's {entry['sha256'][:16]}... (modified)")
     if problems:
         raise ArtifactError(f"artifact {artifact.path} is damaged:\n  " + "\n  ".join(problems))

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -43,6 +42,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from pi_build.artifacts import file_sha256
 from pi_build.model import CONFIGS, IMAGE_SIZE, Config, GemmaConfig, PiModel, SiglipConfig, build_model, get_config
 
 Layout = Literal["openpi", "lerobot"]
@@ -163,14 +163,6 @@ def _detect_layout(names: list[str]) -> Layout:
     if any(name.startswith(openpi_roots) for name in names):
         return "openpi"
     raise CheckpointError(f"tensor names match neither openpi's nor lerobot's layout (e.g. {sorted(names)[0]!r})")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -572,7 +564,7 @@ def load_checkpoint(
         path=folder,
         layout=layout,
         config=cfg,
-        weight_sha256={f.name: _sha256(f) for f in files},
+        weight_sha256={f.name: file_sha256(f) for f in files},
         config_json=config_json,
         norm_stats_path=norm_stats_path,
         norm_stats=norm_stats,
