@@ -40,6 +40,28 @@ def graph_time(fn, args, steps: int, iters: int = 50) -> float:
     return start.elapsed_time(end) / iters / steps
 
 
+def fp8_from_hooks(module: torch.nn.Module, inputs: tuple, keep: tuple[str, ...]) -> torch.nn.Module:
+    """FP8 linears with max-calibrated static scales from one forward (a quick stand-in for ModelOpt)."""
+    from fnmatch import fnmatch
+
+    from pi_build.fp8 import apply_fp8
+
+    amax: dict[str, float] = {}
+    hooks = []
+    for name, layer in module.named_modules():
+        if isinstance(layer, torch.nn.Linear) and not any(fnmatch(name, p) for p in keep):
+            def hook(m, args, out, name=name):
+                amax[name] = max(amax.get(name, 0.0), args[0].detach().abs().max().item())
+            hooks.append(layer.register_forward_hook(hook))
+    with torch.no_grad():
+        for step in range(module.steps):
+            module(inputs[0], torch.tensor(step, device=inputs[0].device), *inputs[2:])
+    for h in hooks:
+        h.remove()
+    scales = {n: {"input_amax": a, "weight_amax": module.get_submodule(n).weight.detach().abs().max().item()} for n, a in amax.items()}
+    return apply_fp8(module, scales)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--variants", default="default,autotune")
@@ -56,8 +78,10 @@ def main() -> None:
     results = {}
     for name in args.variants.split(","):
         torch.compiler.reset()
+        if name == "fp8":
+            module = fp8_from_hooks(module, (x, step, k, v, mask, state), ("action_in", "action_out"))
         options = {"default": {}, "autotune": {"max_autotune": True},
-                   "autotune_cd": {"max_autotune": True, "coordinate_descent_tuning": True}}[name]
+                   "autotune_cd": {"max_autotune": True, "coordinate_descent_tuning": True}, "fp8": {}}[name]
         t1 = time.time()
         compiled = torch.compile(module, options=options)
         with torch.no_grad():
