@@ -14,7 +14,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends \
 
 ENV VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH PIP_NO_CACHE_DIR=1
 RUN python3 -m venv $VIRTUAL_ENV && pip install --upgrade pip \
-    && pip install "torch>=2.11,<2.14" --index-url https://download.pytorch.org/whl/cu130
+    && pip install "torch>=2.11,<2.14"   # the default Linux x86-64 wheels are CUDA builds
 
 WORKDIR /work
 COPY pyproject.toml README.md ./
