@@ -526,3 +526,33 @@ def test_serves_the_real_policy_over_built_engines(workspace):
             reply = infer(conn, request)
             assert reply["actions"].shape == (10, 7) and np.isfinite(reply["actions"]).all()
             assert reply["server_timing"]["infer_ms"] > 0 and reply["policy_timing"]["infer_ms"] > 0
+
+
+def test_pi_run_serve_cli_answers_health_and_requests(workspace):
+    """`pi-run serve` as users start it: a process on loopback, /healthz, one LIBERO request, Ctrl-C."""
+    from pi_build.envs.libero import load_recorded_observations
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "pi_build.cli.run", "serve", "--recipe", str(workspace["recipe"]),
+           "--engines", str(workspace["engines"]), "--port", str(port), "--device", "cpu"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if http_get(port, "/healthz")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.5)
+        obs = load_recorded_observations()[0]
+        request = {k: obs[k] for k in ("observation/image", "observation/wrist_image", "observation/state", "prompt")}
+        with connect(port) as (conn, metadata):
+            assert metadata["model_id"] == "t" and metadata["horizon"] == 10
+            reply = infer(conn, request)
+        assert reply["actions"].shape == (10, 7)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=TIMEOUT_S) == 0
