@@ -17,7 +17,7 @@ import torch
 from pi_build import artifacts, roofline
 from pi_build.components import COMPONENTS, Shapes
 from pi_build.model import ModelInputs, PiModel
-from pi_build.runtime import Pipeline, latency_stats, load_pipeline
+from pi_build.runtime import Pipeline, latency_stats, load_pipeline, measure_latency
 
 ROWS = ("vision", "kvcache", "denoise", "denoise_per_step", "end_to_end")
 
@@ -96,7 +96,7 @@ def run_bench(recipe_path: Path, engines: Path | None, step_counts: list[int], *
         capture = pipeline.capture() if graphs and device.type == "cuda" else {"captured": False}
         versions = {c: pipeline.manifests[c]["version"] for c in COMPONENTS}
         log(f"{steps} steps: engines {versions}; CUDA graphs: {capture.get('captured')}")
-        engine_stats = _with_per_step(_measure(pipeline, iters, warmup), steps)
+        engine_stats = _with_per_step(measure_latency(pipeline, iters=iters, warmup=warmup), steps)
         entry: dict[str, Any] = {"engines": engine_stats, "capture": capture, "versions": versions}
         if reference:
             if ref_model is None:
@@ -110,14 +110,6 @@ def run_bench(recipe_path: Path, engines: Path | None, step_counts: list[int], *
         entry["roofline_ms"] = _floors(pipeline, ref_model, recipe, steps, ceilings)
         results["steps"][str(steps)] = entry
     return results
-
-
-def _measure(pipeline: Pipeline, iters: int, warmup: int) -> dict[str, dict]:
-    inputs = pipeline.example_inputs(seed=0)
-    for _ in range(warmup):
-        pipeline.timed_run(inputs)
-    runs = [pipeline.timed_run(inputs) for _ in range(iters)]
-    return {name: latency_stats([r[name] for r in runs]) for name in runs[0]}
 
 
 def _floors(pipeline: Pipeline, model: PiModel | None, recipe, steps: int, ceilings: dict) -> dict[str, float]:
