@@ -127,7 +127,8 @@ def test_recipe_errors_are_clear(workspace, tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text(RECIPE.format(checkpoint=workspace["ckpt"]).replace("steps = 2", "stepz = 2"))
     result = runner.invoke(build_app, ["compile", "--recipe", bad, "--engines", tmp_path])
-    assert result.exit_code != 0 and "stepz" in str(result.exception)
+    assert result.exit_code == 1 and "build failed" in result.output and "stepz" in result.output
+    assert "did you mean 'denoise.steps'" in " ".join(result.output.split())
 
 
 def test_bench_cpu_table_and_json(workspace, tmp_path):

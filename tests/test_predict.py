@@ -56,18 +56,19 @@ def test_model_level_inputs_give_the_reference_chunk(checkpoints, config, tmp_pa
     np.testing.assert_allclose(actions, expected, rtol=0, atol=1e-6)
 
 
-def test_raw_observation_gives_unnormalized_libero_actions(checkpoints, tmp_path):
+@pytest.mark.parametrize("config", ["pi05_tiny", "pi0_tiny"])  # openpi layout, lerobot layout (its normalizer file)
+def test_raw_observation_gives_unnormalized_libero_actions(checkpoints, config, tmp_path):
     obs = load_recorded_observations()[0]
     np.savez(tmp_path / "obs.npz", **{k: obs[k] for k in ("observation/image", "observation/wrist_image", "observation/state")},
              prompt=np.array(obs["prompt"]))
     out = tmp_path / "a.npy"
-    result = runner.invoke(run_app, ["predict", "--checkpoint", str(checkpoints["pi05_tiny"]), "--inputs", str(tmp_path / "obs.npz"),
+    result = runner.invoke(run_app, ["predict", "--checkpoint", str(checkpoints[config]), "--inputs", str(tmp_path / "obs.npz"),
                                      "--steps", "2", "--out", str(out)])
     assert result.exit_code == 0, result.output
     actions = np.load(out)
     assert actions.shape == (1, 10, 7) and np.isfinite(actions).all()
     again = tmp_path / "b.npy"
-    runner.invoke(run_app, ["predict", "--checkpoint", str(checkpoints["pi05_tiny"]), "--inputs", str(tmp_path / "obs.npz"),
+    runner.invoke(run_app, ["predict", "--checkpoint", str(checkpoints[config]), "--inputs", str(tmp_path / "obs.npz"),
                             "--steps", "2", "--out", str(again)])
     np.testing.assert_array_equal(np.load(again), actions)  # seeded noise: reproducible
 

@@ -42,3 +42,16 @@ def component_metrics(name: str, outputs: tuple[Tensor, ...], reference: tuple[T
         "cosine": min(r["cosine"] for r in results),
         "max_abs": max(r["max_abs"] for r in results),
     }
+
+
+def worst(draws: list[dict[str, float]]) -> dict[str, float]:
+    """The element-wise worst of several checks' metrics; NaN counts as the worst of all."""
+    nan = float("nan")
+
+    def pick(values: list[float], bad_is_high: bool) -> float:
+        if any(v != v for v in values):
+            return nan
+        return max(values) if bad_is_high else min(values)
+
+    return {"rel_err": pick([d["rel_err"] for d in draws], True), "cosine": pick([d["cosine"] for d in draws], False),
+            "max_abs": pick([d["max_abs"] for d in draws], True)}

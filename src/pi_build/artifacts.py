@@ -4,7 +4,8 @@ Every build of one component is a folder of its own, never modified after it app
 
     engines/<model-id>/<component>/<version>/      model-id: the recipe's name; component: vision | kvcache |
                                                    denoise, or another stage output (OUTPUTS: vision-onnx, pipeline, ...)
-        <engine files>                             e.g. vision.pt2, kvcache.onnx + kvcache.onnx.data
+        <engine files>                             e.g. engine.pt2 (AOTInductor), or program.pt2 + inductor_cache.bin,
+                                                   engine.plan + engine.io.json (TensorRT), vision.onnx, scales.json
         manifest.json                              written last; a folder without one is not an artifact
 
 Versions are v1, v2, ... (one more than the highest present). A build is assembled in a hidden
@@ -22,20 +23,20 @@ manifest.json keys (the first five rows are filled in by ``write_artifact``):
 | files | {name: {"sha256": hex, "bytes": int}} for every engine file in the folder |
 | component, model_id | as in the path |
 | stage | export / quantize / compile / capture: the stage that produced it |
-| stages | {"export": {...}, "quantize": {...}, "compile": {...}, "capture": {...}}: what each stage did, its settings and timings |
+| onnx, quantize, capture | what the export, quantize and capture stages did: checks, settings, timings |
 | engine_runner | how the runtime loads the engine: aoti, torch.compile, eager or tensorrt (backends.py) |
 | engine_files | the files (in files) that make up the engine |
-| backend | inductor (AOTInductor .pt2) / tensorrt / eager |
+| backend | inductor / tensorrt / eager (engines); onnx, modelopt (stage outputs); null (pipeline) |
 | precision | fp32 / bf16 / fp8 |
 | steps | the recipe's denoise.steps (baked into the denoise engine) |
 | batch | batch size built for |
 | inputs, outputs | {tensor name: {"shape": [ints], "dtype": "float32"}}; names are the engine's (see LINKS) |
-| source | {"checkpoint": path, "weights_sha256": hex of the weights, "config": model config name} |
+| source | {"checkpoint": path, "weights_sha256": hex of the weights, "config": config name, "pi05": bool, "model_config": the exact model.Config as a dict} |
 | recipe, recipe_sha256 | ``Recipe.to_dict()`` and ``recipe_hash()`` of the recipe it was built from |
 | toolchain | ``toolchain_versions()`` at build time |
 | device | ``device_info()`` of the device it was built on |
 | build_seconds | float |
-| accuracy | {"cosine", "rel_err", "max_abs", "gate": {"cosine", "rel_err"}, "passed": bool} against the reference model |
+| accuracy | {"cosine", "rel_err", "max_abs", "gate": {"cosine", "rel_err"}, "passed": bool, "seed"} against the reference model |
 
 Stages may add keys of their own; ``check_compatible`` reads backend, inputs, outputs,
 source.weights_sha256, recipe.model, toolchain and device.

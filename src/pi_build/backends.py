@@ -2,7 +2,7 @@
 
 - ``inductor`` (default, wherever PyTorch runs): torch.export + AOTInductor into a ``.pt2``
   package of native code that loads without recompiling. Whether this machine can load such
-  packages is probed once in a fresh process (a crash there cannot take the build down); where it
+  packages is probed in a fresh process (and remembered) (a crash there cannot take the build down); where it
   cannot -- seen on our H100/H200 machines with torch 2.11 + CUDA 13, where loading any CUDA
   AOTInductor package segfaults -- the engine instead carries the exported program and Inductor's compiled-kernel cache
   (``torch.compiler.save_cache_artifacts``), and loads through ``torch.compile`` with that cache:
@@ -58,8 +58,9 @@ assert torch.allclose(torch._inductor.aoti_load_package(path)(x), m(x), atol=1e-
 
 
 def aoti_works(device: torch.device) -> tuple[bool, str]:
-    """Can this machine load AOTInductor packages for ``device``? Probed once (a tiny package, in a
-    fresh process, since the failure seen is a segfault) and remembered per torch version and device."""
+    """Can this machine load AOTInductor packages for ``device``? Probed with a tiny package in a fresh
+    process (the failure seen is a segfault); a success or a crash is remembered under ~/.cache/pi-build
+    (PI_BUILD_CACHE) per torch version, device name and Python executable."""
     import hashlib
     import json
     import tempfile
@@ -71,13 +72,19 @@ def aoti_works(device: torch.device) -> tuple[bool, str]:
         seen = json.loads(memo.read_text())
         return seen["ok"], seen["problem"]
     with tempfile.TemporaryDirectory() as tmp:
-        proc = subprocess.run([sys.executable, "-c", _PROBE, device.type, str(Path(tmp) / "probe.pt2")],
-                              capture_output=True, text=True, timeout=900)
+        try:
+            proc = subprocess.run([sys.executable, "-c", _PROBE, device.type, str(Path(tmp) / "probe.pt2")],
+                                  capture_output=True, text=True, timeout=900)
+        except subprocess.TimeoutExpired:
+            return False, "the AOTInductor probe did not finish in 15 minutes"
     ok = proc.returncode == 0
     reason = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
     problem = "" if ok else f"AOTInductor packages do not load on this machine ({name}, torch {torch.__version__}: {reason})"
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    memo.write_text(json.dumps({"ok": ok, "problem": problem, "stderr": proc.stderr[-2000:]}))
+    if ok or proc.returncode < 0:  # remember success and crashes; other failures may be passing (retry next time)
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp_memo = memo.with_name(f".{memo.name}.{os.getpid()}")
+        tmp_memo.write_text(json.dumps({"ok": ok, "problem": problem, "stderr": proc.stderr[-2000:]}))
+        tmp_memo.replace(memo)
     return ok, problem
 
 
@@ -106,8 +113,8 @@ def compile_engine(module: nn.Module, example_inputs: tuple[Tensor, ...], backen
     if backend == "tensorrt":
         from pi_build import tensorrt_backend
 
-        path = tensorrt_backend.compile_component(module, example_inputs, out_dir)
-        return {"files": sorted(p.name for p in out_dir.iterdir() if p.is_file()), "runner": "tensorrt", "engine": path.name}
+        tensorrt_backend.compile_component(module, example_inputs, out_dir)
+        return {"files": sorted(p.name for p in out_dir.iterdir() if p.is_file()), "runner": "tensorrt"}
     raise ValueError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
 
 
@@ -127,6 +134,6 @@ def load_engine(folder: Path, runner: str, device: torch.device) -> Engine:
     if runner == "tensorrt":
         from pi_build import tensorrt_backend
 
-        engine = tensorrt_backend.load_component(folder / "engine.plan", device)
+        engine = tensorrt_backend.load_component(folder / tensorrt_backend.ENGINE_FILE, device)
         return lambda *inputs: _as_tuple(engine(*inputs))
     raise ValueError(f"unknown engine runner {runner!r}")

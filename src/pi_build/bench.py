@@ -16,7 +16,8 @@ import torch
 
 from pi_build import artifacts, roofline
 from pi_build.components import COMPONENTS, Shapes
-from pi_build.model import ModelInputs, PiModel
+from pi_build.model import ModelInputs, PiModel, config_from_dict
+from pi_build.recipes import CAMERAS
 from pi_build.runtime import Pipeline, latency_stats, load_pipeline, measure_latency
 
 ROWS = ("vision", "kvcache", "denoise", "denoise_per_step", "end_to_end")
@@ -59,10 +60,10 @@ def _time_reference(model: PiModel, inputs: ModelInputs, noise: torch.Tensor, st
     return {name: latency_stats([r[name] for r in runs]) for name in runs[0]}
 
 
-def _reference_inputs(pipeline: Pipeline, model: PiModel, seed: int) -> tuple[ModelInputs, torch.Tensor]:
+def _reference_inputs(pipeline: Pipeline, seed: int) -> tuple[ModelInputs, torch.Tensor]:
     """The engines' example inputs laid out for the reference: all three cameras, unused ones masked."""
     images, image_masks, tokens, token_masks, noise, state = pipeline.example_inputs(seed)
-    cams = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
+    cams = CAMERAS
     b = images.shape[0]
     full = torch.full((b, 3, *images.shape[2:]), -1.0, device=images.device)
     full_masks = torch.zeros(b, 3, dtype=torch.bool, device=images.device)
@@ -85,7 +86,9 @@ def run_bench(recipe_path: Path, engines: Path | None, step_counts: list[int], *
 
     recipe = load_recipe(recipe_path)
     folder = artifacts.engines_dir(engines)
-    device = torch.device("cuda" if recipe.model.device != "cpu" and torch.cuda.is_available() else "cpu")
+    from pi_build.build import resolve_device
+
+    device = resolve_device(recipe.model.device)
     log(f"measuring GEMM rate and bandwidth on {artifacts.device_info(device).get('name')}")
     ceilings = roofline.measure_ceilings(device)
     results: dict[str, Any] = {"recipe": recipe.name, "device": artifacts.device_info(device), "ceilings": ceilings,
@@ -93,7 +96,7 @@ def run_bench(recipe_path: Path, engines: Path | None, step_counts: list[int], *
     ref_model = None
     for steps in step_counts:
         pipeline = load_pipeline(folder, recipe.name, device, steps=steps)
-        capture = pipeline.capture() if graphs and device.type == "cuda" else {"captured": False}
+        capture = pipeline.capture() if graphs else {"captured": False, "reason": "--no-graphs"}
         versions = {c: pipeline.manifests[c]["version"] for c in COMPONENTS}
         log(f"{steps} steps: engines {versions}; CUDA graphs: {capture.get('captured')}")
         engine_stats = _with_per_step(measure_latency(pipeline, iters=iters, warmup=warmup), steps)
@@ -105,18 +108,16 @@ def run_bench(recipe_path: Path, engines: Path | None, step_counts: list[int], *
                 log(f"loading the eager reference ({dtype}) from {source}")
                 ref_model, _ = load_checkpoint(Path(source), dtype=dtype, device=device)
                 ref_model.cfg = ref_model.cfg.replace(action_horizon=pipeline.horizon)
-            inputs, noise = _reference_inputs(pipeline, ref_model, seed=1)
+            inputs, noise = _reference_inputs(pipeline, seed=1)
             entry["reference"] = _with_per_step(_time_reference(ref_model, inputs, noise, steps, max(5, iters // 5), 3), steps)
-        entry["roofline_ms"] = _floors(pipeline, ref_model, recipe, steps, ceilings)
+        entry["roofline_ms"] = _floors(pipeline, steps, ceilings)
         results["steps"][str(steps)] = entry
     return results
 
 
-def _floors(pipeline: Pipeline, model: PiModel | None, recipe, steps: int, ceilings: dict) -> dict[str, float]:
-    from pi_build.model import get_config
-
-    cfg = model.cfg if model is not None else get_config(pipeline.manifests["vision"]["source"]["config"])
-    shapes = Shapes(batch=pipeline.batch, cameras=len(pipeline.cameras), prompt_len=recipe.model.prompt_len,
+def _floors(pipeline: Pipeline, steps: int, ceilings: dict) -> dict[str, float]:
+    cfg = config_from_dict(pipeline.manifests["vision"]["source"]["model_config"])
+    shapes = Shapes(batch=pipeline.batch, cameras=len(pipeline.cameras), prompt_len=pipeline.manifests["kvcache"]["prompt_len"],
                     horizon=pipeline.horizon, steps=steps)
     floors = {}
     for c in COMPONENTS:

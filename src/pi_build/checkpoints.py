@@ -447,6 +447,28 @@ def _read_lerobot_norm_stats(path: Path) -> dict[str, dict[str, Any]]:
     return stats
 
 
+def _norm_stats(folder: Path, layout: Layout, asset_id: str | None) -> tuple[Path | None, dict | None, tuple[str, ...]]:
+    """(file, stats in openpi's {"state": {"mean": [...], ...}, "actions": {...}} form, openpi asset ids)."""
+    if layout == "openpi":
+        path, asset_ids = _find_openpi_norm_stats(folder, asset_id)
+        return path, (_read_openpi_norm_stats(path) if path is not None else None), asset_ids
+    path = _find_lerobot_normalizer(folder)
+    return path, (_read_lerobot_norm_stats(path) if path is not None else None), ()
+
+
+def read_assets(path: Path, *, asset_id: str | None = None) -> tuple[Path | None, dict | None]:
+    """A checkpoint's tokenizer model and norm stats, without reading its weights: what a runtime
+    needs beside engines. Layout as in load_checkpoint (a lerobot config.json says "type")."""
+    folder = _resolve_folder(path)
+    config_path = folder / CONFIG_FILE
+    layout: Layout = "lerobot" if config_path.is_file() and _is_lerobot_config(_read_json(config_path)) else "openpi"
+    _, stats, asset_ids = _norm_stats(folder, layout, asset_id)
+    if layout == "openpi" and stats is None and len(asset_ids) > 1:
+        raise CheckpointError(f"{folder} has norm stats for several asset ids {list(asset_ids)}: choose one (asset_id)")
+    tokenizer = folder / TOKENIZER_FILE
+    return (tokenizer if tokenizer.is_file() else None), stats
+
+
 def _to_lists(norm_stats: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, list]]:
     """{name: {stat: array-like}} -> JSON-ready lists; None stats (openpi's optional q01/q99) dropped."""
     if not isinstance(norm_stats, Mapping) or not all(isinstance(s, Mapping) for s in norm_stats.values()):
@@ -550,15 +572,7 @@ def load_checkpoint(
             setattr(module, attr, nn.Parameter(value, requires_grad=old.requires_grad))
     model.eval()
 
-    norm_stats_path, asset_ids, norm_stats = None, (), None
-    if layout == "openpi":
-        norm_stats_path, asset_ids = _find_openpi_norm_stats(folder, asset_id)
-        if norm_stats_path is not None:
-            norm_stats = _read_openpi_norm_stats(norm_stats_path)
-    else:
-        norm_stats_path = _find_lerobot_normalizer(folder)
-        if norm_stats_path is not None:
-            norm_stats = _read_lerobot_norm_stats(norm_stats_path)
+    norm_stats_path, norm_stats, asset_ids = _norm_stats(folder, layout, asset_id)
     tokenizer = folder / TOKENIZER_FILE
     info = CheckpointInfo(
         path=folder,

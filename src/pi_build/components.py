@@ -7,7 +7,8 @@ exported (ONNX), quantized (FP8 linears), compiled (AOTInductor / TensorRT) and 
     vision   images [B, C, 3, 224, 224]                          -> image_tokens [B, C*256, W]
     kvcache  image_tokens, image_masks [B, C], tokens [B, L],
              token_masks [B, L]                                  -> k, v [D, B, 1, S, 256], prefix_mask [B, S]
-    denoise  noise [B, H, 32], k, v, prefix_mask, state [B, 32]  -> actions [B, H, 32]
+    denoise  x [B, H, 32], step [], k, v, prefix_mask, state [B, 32] -> x_next [B, H, 32]
+             (one Euler step; ``denoise_loop`` runs it for every step: noise -> actions)
 
 They compute what ``model.PiModel`` computes, with changes that are exact in real arithmetic
 (floating-point rounding may differ; the accuracy gates measure by how much):
@@ -34,7 +35,7 @@ from torch import Tensor, nn
 from pi_build.model import KVCache, PiModel, RMSNorm, sincos_time_embedding, suffix_ar_flags
 
 COMPONENTS = ("vision", "kvcache", "denoise")
-PRECISIONS = ("fp32", "bf16", "fp8")  # fp8 = bf16 modules whose linears become FP8 after calibration
+PRECISIONS = ("fp32", "bf16", "fp8")  # fp8: see compute_dtype; linears become FP8 after calibration
 
 
 @dataclass(frozen=True)

@@ -41,10 +41,9 @@ import torch
 from PIL import Image
 
 from pi_build.model import Config, ModelInputs
+from pi_build.recipes import CAMERAS  # model cameras, in the order the model reads them
 from pi_build.tokenizer import PromptTokenizer
 
-# Model cameras, in the order the model reads them.
-CAMERAS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
 # openpi's LIBERO observation keys (the websocket request), and which camera each image feeds.
 LIBERO_CAMERA_KEYS = {"base_0_rgb": "observation/image", "left_wrist_0_rgb": "observation/wrist_image"}
 LIBERO_STATE_KEY = "observation/state"
@@ -114,8 +113,13 @@ def load_norm_stats(path: str | os.PathLike) -> dict[str, NormStats]:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
     if not isinstance(data, dict) or not isinstance(data.get("norm_stats"), dict):
         raise ValueError(f'{path}: expected a top-level "norm_stats" object')
+    return norm_stats_from_dict(data["norm_stats"], str(path))
+
+
+def norm_stats_from_dict(norm_stats: Mapping, path: str) -> dict[str, NormStats]:
+    """{"state": {"mean": [...], "std": [...], "q01"?, "q99"?}, "actions": {...}} -> NormStats; ``path`` names the source in errors."""
     stats = {}
-    for key, entry in data["norm_stats"].items():
+    for key, entry in norm_stats.items():
         if not isinstance(entry, dict):
             raise ValueError(f'{path}: "norm_stats/{key}" must be an object with mean and std')
         fields = {}
@@ -402,3 +406,9 @@ def random_libero_norm_stats(seed: int = 0, state_dim: int = 8, action_dim: int 
         return {"mean": mean.tolist(), "std": std.tolist(), "q01": (mean - 2 * std).tolist(), "q99": (mean + 2 * std).tolist()}
 
     return {"state": stats(state_dim), "actions": stats(action_dim)}
+
+
+def select_cameras(cameras: Sequence[str], images: torch.Tensor, image_masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Model inputs carry every camera in CAMERAS order; engines take the recipe's ``cameras`` only."""
+    idx = [CAMERAS.index(c) for c in cameras]
+    return images[:, idx], image_masks[:, idx]

@@ -52,12 +52,12 @@ def _components(names: list[str] | None) -> list[str]:
 
 def _run(recipe: Path, engines: Path | None, overrides: dict, plan: list[tuple[str, list[str]]], capture: bool) -> None:
     """Run (component, stages) in order with a progress display, then print the summary table."""
-    from pi_build.build import BuildError, run_stages, stage_capture
+    from pi_build.build import run_stages, stage_capture
 
-    ctx = _context(recipe, engines, overrides)
     landed: list[Path] = []
     t0 = time.perf_counter()
     try:
+        ctx = _context(recipe, engines, overrides)
         with console.status("building") as status:
             for component, stages in plan:
                 for stage in stages:
@@ -68,10 +68,23 @@ def _run(recipe: Path, engines: Path | None, overrides: dict, plan: list[tuple[s
                 status.update("pipeline: capture + end-to-end check")
                 console.print("[cyan]pipeline[/] capture + end-to-end check ...")
                 landed.append(stage_capture(ctx))
-    except BuildError as exc:
+    except _expected_errors() as exc:
         console.print(f"[red]build failed:[/] {exc}")
         raise typer.Exit(1) from exc
     _summary([artifacts.load_artifact(p) for p in landed], f"built in {time.perf_counter() - t0:.1f} s")
+
+
+def _expected_errors() -> tuple[type[Exception], ...]:
+    """Errors whose message says what is wrong (bad recipe, checkpoint, artifact, missing backend,
+    failed gate): printed as one line instead of a traceback."""
+    from pi_build.build import BuildError
+    from pi_build.checkpoints import CheckpointError
+    from pi_build.onnx_export import OnnxExportError, OnnxMismatchError
+    from pi_build.recipes import RecipeError
+    from pi_build.tensorrt_backend import BackendUnavailable
+
+    return (BuildError, CheckpointError, RecipeError, artifacts.ArtifactError, BackendUnavailable,
+            OnnxExportError, OnnxMismatchError, FileNotFoundError)
 
 
 def _summary(arts: list[artifacts.Artifact], title: str) -> None:

@@ -105,7 +105,7 @@ def predict(
         from pi_build.runtime import load_transforms
 
         obs = {k: (str(v) if k == "prompt" else v) for k, v in arrays.items()}
-        transforms = load_transforms(checkpoint, cfg)
+        transforms = load_transforms(info.path, cfg)
         model_inputs, noise = transforms.inputs(obs), None
     else:
         model_inputs, noise = _model_level_inputs(arrays, cfg, inputs)
