@@ -50,7 +50,6 @@ LIBERO_STATE_KEY = "observation/state"
 PROMPT_KEY = "prompt"
 LIBERO_STATE_DIM = 8  # eef position (3), axis-angle (3), gripper qpos (2)
 LIBERO_ACTION_DIM = 7  # eef delta (6), gripper (1)
-LIBERO_RENDER_SIZE = 256
 
 
 # ----------------------------------------------------------------------------- images

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pi_build.preprocessing import resize_with_pad
+from pi_build.preprocessing import libero_camera_image
 
 # Step budget per suite (policy-driven steps, wait steps not counted): openpi's values, a little
 # above the longest training demonstration of each suite.
@@ -231,10 +231,7 @@ def quat2axisangle(quat: np.ndarray) -> np.ndarray:
 def model_image(env_image: np.ndarray) -> np.ndarray:
     """A LIBERO camera image as the policy sees it: rotated 180 degrees (LIBERO renders upside
     down relative to the training data), then resized with padding to 224x224, uint8."""
-    if env_image.ndim != 3 or env_image.shape[2] != 3 or env_image.dtype != np.uint8:
-        raise ValueError(f"expected a uint8 [H, W, 3] image, got {env_image.dtype} {env_image.shape}")
-    flipped = np.ascontiguousarray(env_image[::-1, ::-1])
-    return resize_with_pad(flipped, MODEL_IMAGE_SIZE, MODEL_IMAGE_SIZE)
+    return libero_camera_image(env_image, MODEL_IMAGE_SIZE)
 
 
 def libero_request(obs: dict[str, np.ndarray], task_description: str) -> dict[str, Any]:
