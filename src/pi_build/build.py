@@ -188,7 +188,8 @@ def stage_export(ctx: BuildContext, component: str) -> Path:
 
 def calibration_batches(ctx: BuildContext, component: str, samples: int) -> list[tuple[Tensor, ...]]:
     """Inputs of ``component`` for calibration, per the recipe's quantize.calibration."""
-    source = ctx.recipe.quantize.calibration
+    path = ctx.recipe.calibration_path()  # a user's .npz: checked to exist, errors name the recipe field
+    source = str(path) if path is not None else ctx.recipe.quantize.calibration
     if source == "generated":
         probe = build_component(ctx.model, component, ctx.shapes, "fp32")
         return [_fresh_inputs(probe, 1000 + i, ctx.device) for i in range(samples)]
