@@ -1,10 +1,15 @@
 """Speed experiments on one denoise step of full-size pi0.5 (random weights), on a GPU.
 
-Builds the denoise component straight from a random model (no checkpoint), compiles variants
-with torch.compile, captures a 10-step loop per variant in a CUDA graph and times its replays;
-prints the torch profiler's top kernels for the first variant. Results feed docs/PERFORMANCE.md.
+Three parts, each optional:
+- ``--gemms``: the expert's weight GEMMs (18 layers x qkv, o, gate|up, down) at the step's row
+  counts, cuBLAS against kernels.py's skinny kernel, bf16 and FP8, each as one CUDA graph of all 72;
+  with ``--sweep``, the skinny kernel's block sizes too.
+- ``--attention``: one layer's few-query attention, the library path against the Triton kernel.
+- ``--variants``: the whole step compiled with torch.compile, a 10-step loop captured in a CUDA
+  graph and timed; the torch profiler's top kernels for the first and the last variant.
+Results feed docs/PERFORMANCE.md.
 
-    PYTHONPATH=src python3 scripts/denoise_experiments.py [--variants default,autotune]
+    PYTHONPATH=src python3 scripts/denoise_experiments.py --gemms --attention --variants library,triton,fp8,triton-fp8
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ def graph_time(fn, args, steps: int, iters: int = 50) -> float:
     return start.elapsed_time(end) / iters / steps
 
 
-def fp8_from_hooks(module: torch.nn.Module, inputs: tuple, keep: tuple[str, ...]) -> torch.nn.Module:
+def fp8_from_hooks(module: torch.nn.Module, batches: list[tuple], keep: tuple[str, ...]) -> torch.nn.Module:
     """FP8 linears with max-calibrated static scales from one forward (a quick stand-in for ModelOpt)."""
     from fnmatch import fnmatch
 
@@ -54,49 +59,226 @@ def fp8_from_hooks(module: torch.nn.Module, inputs: tuple, keep: tuple[str, ...]
                 amax[name] = max(amax.get(name, 0.0), args[0].detach().abs().max().item())
             hooks.append(layer.register_forward_hook(hook))
     with torch.no_grad():
-        for step in range(module.steps):
-            module(inputs[0], torch.tensor(step, device=inputs[0].device), *inputs[2:])
+        for batch in batches:
+            module(*batch)
     for h in hooks:
         h.remove()
     scales = {n: {"input_amax": a, "weight_amax": module.get_submodule(n).weight.detach().abs().max().item()} for n, a in amax.items()}
     return apply_fp8(module, scales)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--variants", default="default,autotune")
-    parser.add_argument("--steps", type=int, default=10)
-    args = parser.parse_args()
-    t0 = time.time()
+def timed_graph(fn, iters: int = 50) -> float:
+    """ms per replay of a CUDA graph of fn() (warmed up on a side stream first)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    for _ in range(5):
+        g.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        g.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+EXPERT_SHAPES = {"qkv": (2560, 1024), "o": (1024, 2048), "gate_up": (8192, 1024), "down": (1024, 4096)}
+
+
+def gemm_experiments(sweep: bool) -> None:
+    from pi_build import kernels
+    from pi_build.fp8 import quantize_fp8, scaled_mm_fp8_linear
+
+    weights = {name: [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(18)] for name, (n, k) in EXPERT_SHAPES.items()}
+    scale = torch.tensor(0.02 * 4 / 448, device="cuda")
+    fp8 = {name: [quantize_fp8(w, scale) for w in ws] for name, ws in weights.items()}
+    total_bytes = sum(w.numel() for ws in weights.values() for w in ws) * 2
+    print(f"expert GEMM weights: {total_bytes / 1e9:.3f} GB bf16")
+    for m in (10, 51):
+        xs = {name: torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for name, (n, k) in EXPERT_SHAPES.items()}
+        def run(kind):
+            def fn():
+                for name in EXPERT_SHAPES:
+                    for i in range(18):
+                        if kind == "cublas":
+                            torch.nn.functional.linear(xs[name], weights[name][i])
+                        elif kind == "skinny":
+                            kernels._launch_skinny(xs[name], weights[name][i])
+                        else:
+                            scaled_mm_fp8_linear(xs[name], fp8[name][i], scale, scale, None)
+            return fn
+        for kind, nbytes in (("cublas", total_bytes), ("skinny", total_bytes), ("scaled_mm", total_bytes / 2)):
+            ms = timed_graph(run(kind))
+            print(f"M={m:<3} {kind:11s} {ms:.3f} ms for 72 GEMMs  ({nbytes / ms / 1e9:.2f} TB/s of weights)", flush=True)
+        if sweep and m == 10:
+            best = {}
+            for kind in ("skinny",):
+                for bn in (32, 64, 128):
+                    for bk in (64, 128, 256):
+                        for warps in (4, 8):
+                            for stages in (3,):
+                                kernels.SKINNY_BLOCK_N, kernels.SKINNY_BLOCK_K, kernels.SKINNY_WARPS, kernels.SKINNY_STAGES = bn, bk, warps, stages
+                                try:
+                                    ms = timed_graph(run(kind), iters=20)
+                                except Exception as e:  # a config the compiler refuses
+                                    print(f"  {kind} {bn}/{bk}/{warps}/{stages}: {type(e).__name__}")
+                                    continue
+                                best.setdefault(kind, []).append((ms, bn, bk, warps, stages))
+                for ms, bn, bk, warps, stages in sorted(best[kind])[:5]:
+                    print(f"  sweep {kind}: {ms:.3f} ms  BLOCK_N={bn} BLOCK_K={bk} warps={warps} stages={stages}")
+            kernels.SKINNY_BLOCK_N, kernels.SKINNY_BLOCK_K, kernels.SKINNY_WARPS, kernels.SKINNY_STAGES = 64, 128, 4, 3
+
+
+def attention_experiments() -> None:
+    from pi_build import kernels
+    from pi_build.components import few_query_attention
+
+    for t, s_cache in ((10, 712), (51, 560)):
+        q = torch.randn(1, t, 8, 256, device="cuda", dtype=torch.bfloat16)
+        kc, vc = (torch.randn(1, s_cache, 256, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        kn, vn = (torch.randn(1, t, 256, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        mask = torch.rand(1, t, s_cache + t, device="cuda") > 0.2
+        ref = kernels.attention_reference(q, kc, vc, kn, vn, mask)
+        got = kernels.few_query_attention(q, kc, vc, kn, vn, mask)
+        torch.cuda.synchronize()
+        err = ((got.double() - ref).norm() / ref.norm()).item()
+        def library():
+            k = torch.cat([kc, kn], 1)[:, None]
+            v = torch.cat([vc, vn], 1)[:, None]
+            return few_query_attention(q.transpose(1, 2), k, v, mask)
+        lib = torch.compile(library)
+        tri = torch.compile(lambda: kernels.few_query_attention(q, kc, vc, kn, vn, mask))
+        ms_lib = timed_graph(lambda: [lib() for _ in range(18)]) / 18
+        ms_tri = timed_graph(lambda: [tri() for _ in range(18)]) / 18
+        print(f"attention T={t} S={s_cache}: library {ms_lib * 1e3:.1f} us, triton {ms_tri * 1e3:.1f} us per layer (rel err vs float64 {err:.1e})", flush=True)
+
+
+def prefix_experiments() -> None:
+    """vision (bf16, fp8) and kvcache (bf16, fp8) of full-size pi0.5: CUDA-graph time and top kernels."""
     cfg = get_config("pi05").replace(action_horizon=10)
     model = build_model(cfg, dtype=torch.bfloat16, device="cuda", seed=0)
+    shapes = Shapes(batch=1, cameras=2, prompt_len=200, horizon=10, steps=10, image_token_dtype=torch.bfloat16, kv_dtype=torch.bfloat16)
+    for component in ("vision", "kvcache"):
+        for precision in ("bf16", "fp8"):
+            torch.compiler.reset()
+            module = build_component(model, component, shapes, "bf16")
+            inputs = tuple(t.cuda() for t in module.example_inputs(torch.Generator().manual_seed(0)))
+            if component == "kvcache":  # a LIBERO-like prompt: 20 valid tokens of 200
+                inputs = inputs[:3] + ((torch.arange(200, device="cuda") < 20)[None],)
+            if precision == "fp8":
+                module = fp8_from_hooks(module, [inputs], ())
+            compiled = torch.compile(module)
+            with torch.no_grad():
+                ms = timed_graph(lambda: compiled(*inputs))
+            print(f"{component} {precision}: {ms:.3f} ms", flush=True)
+            profile(compiled, inputs, f"{component} {precision}")
+    del model
+
+
+def prefix_attention_experiments() -> None:
+    """One prefix layer's attention (712 tokens, 8 query heads, one KV head, head dim 256), per SDPA form."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from pi_build.components import mqa_attention
+
+    n, valid = 712, 532
+    q = torch.randn(1, 8, n, 256, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 1, n, 256, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    keep = (torch.arange(n, device="cuda") < valid)[None]
+    mask = keep[:, None, :].expand(1, n, n)
+    ref = mqa_attention(q, k, v, mask)
+    forms = {
+        "folded heads, bool mask (current)": lambda: mqa_attention(q, k, v, mask),
+        "8 heads, expanded KV, bool key mask": lambda: F.scaled_dot_product_attention(q, k.expand(1, 8, n, 256), v.expand(1, 8, n, 256), attn_mask=keep[:, None, None, :]),
+        "8 heads, enable_gqa, bool key mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :], enable_gqa=True),
+        "flash, valid tokens only (no mask)": lambda: F.scaled_dot_product_attention(q[:, :, :valid], k[:, :, :valid].expand(1, 8, valid, 256), v[:, :, :valid].expand(1, 8, valid, 256)),
+    }
+    for name, fn in forms.items():
+        for backend in (None, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
+            try:
+                with sdpa_kernel(backend) if backend else torch.no_grad():
+                    out = fn()
+                    ms = timed_graph(fn)
+            except Exception as e:
+                print(f"  {name} [{backend}]: {type(e).__name__}")
+                continue
+            out = out.reshape(1, 8, -1, 256).transpose(1, 2).reshape(1, -1, 2048) if out.dim() == 4 else out
+            err = ((out[:, :valid].float() - ref[:, :valid].float()).norm() / ref[:, :valid].float().norm()).item()
+            print(f"prefix attention, {name} [{backend}]: {ms * 1e3:.1f} us (rel diff {err:.1e})", flush=True)
+
+
+def profile(compiled, inputs, label: str) -> None:
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        compiled(*inputs)
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.self_device_time_total for e in events)
+    print(f"{label}: one step, no graph: {sum(e.count for e in events)} kernels, {total / 1e3:.3f} ms of kernel time")
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:12]:
+        print(f"  {e.self_device_time_total / 1e3:7.3f} ms  x{e.count:<4} {e.key[:90]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--variants", default="", help="comma list of: library, triton, fp8, triton-fp8, autotune")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--config", default="pi05")
+    parser.add_argument("--gemms", action="store_true")
+    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--attention", action="store_true")
+    parser.add_argument("--prefix", action="store_true", help="profile the vision and kvcache components too")
+    parser.add_argument("--prefix-attention", action="store_true")
+    args = parser.parse_args()
+    if args.prefix_attention:
+        prefix_attention_experiments()
+    if args.prefix:
+        prefix_experiments()
+    if args.gemms:
+        gemm_experiments(args.sweep)
+    if args.attention:
+        attention_experiments()
+    variants = [v for v in args.variants.split(",") if v]
+    if not variants:
+        return
+    t0 = time.time()
+    horizon = 10 if args.config == "pi05" else 50
+    cfg = get_config(args.config).replace(action_horizon=horizon)
+    model = build_model(cfg, dtype=torch.bfloat16, device="cuda", seed=0)
     print(f"model ready in {time.time() - t0:.0f} s")
-    shapes = Shapes(batch=1, cameras=2, prompt_len=200, horizon=10, steps=args.steps, kv_dtype=torch.bfloat16)
-    module = build_component(model, "denoise", shapes, "bf16")
-    x, step, k, v, mask, state = (t.cuda() for t in module.example_inputs(torch.Generator().manual_seed(0)))
+    prompt_len = 200 if args.config == "pi05" else 48
+    shapes = Shapes(batch=1, cameras=2, prompt_len=prompt_len, horizon=horizon, steps=args.steps, kv_dtype=torch.bfloat16)
+    base = build_component(model, "denoise", shapes, "bf16")
+    x, step, k, v, mask, state = (t.cuda() for t in base.example_inputs(torch.Generator().manual_seed(0)))
     loop_args = (x, k, v, mask, state)
-    results = {}
-    for name in args.variants.split(","):
+    results, outputs = {}, {}
+    for name in variants:
         torch.compiler.reset()
-        if name == "fp8":
-            module = fp8_from_hooks(module, (x, step, k, v, mask, state), ("action_in", "action_out"))
-        options = {"default": {}, "autotune": {"max_autotune": True},
-                   "autotune_cd": {"max_autotune": True, "coordinate_descent_tuning": True}, "fp8": {}}[name]
+        module = build_component(model, "denoise", shapes, "bf16")
+        if name.endswith("fp8"):
+            batches = [(x, torch.tensor(i, device="cuda"), k, v, mask, state) for i in range(args.steps)]
+            module = fp8_from_hooks(module, batches, ("action_in", "action_out"))
+        if name.startswith("triton"):
+            print(f"{name}: {module.use_triton_kernels()}")
+        options = {"max_autotune": True} if name == "autotune" else {}
         t1 = time.time()
         compiled = torch.compile(module, options=options)
         with torch.no_grad():
             ms = graph_time(compiled, loop_args, args.steps)
+            outputs[name] = denoise_loop(compiled, *loop_args, steps=args.steps).float()
         results[name] = ms
-        print(f"{name}: {ms:.3f} ms per step (compile + capture {time.time() - t1:.0f} s)", flush=True)
-        if name == args.variants.split(",")[0]:
-            with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                compiled(x, step, k, v, mask, state)
-                torch.cuda.synchronize()
-            events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-            total = sum(e.self_device_time_total for e in events)
-            print(f"one step, no graph: {sum(e.count for e in events)} kernels, {total / 1e3:.3f} ms of kernel time")
-            for e in sorted(events, key=lambda e: -e.self_device_time_total)[:14]:
-                print(f"  {e.self_device_time_total / 1e3:7.3f} ms  x{e.count:<4} {e.key[:90]}")
+        ref = outputs[variants[0]]
+        cos = torch.nn.functional.cosine_similarity(outputs[name].flatten(), ref.flatten(), 0).item()
+        print(f"{name}: {ms:.3f} ms per step (compile + capture {time.time() - t1:.0f} s); actions cosine vs {variants[0]} {cos:.6f}", flush=True)
+        if name in (variants[0], variants[-1]):
+            profile(compiled, (x, step, k, v, mask, state), name)
     print({k: round(v, 4) for k, v in results.items()})
 
 

@@ -88,12 +88,19 @@ def aoti_works(device: torch.device) -> tuple[bool, str]:
     return ok, problem
 
 
+def python_ops(program: torch.export.ExportedProgram) -> list[str]:
+    """pi-build's own custom ops in the program (kernels.py): Python code, which an AOTInductor package cannot hold."""
+    return sorted({str(n.target) for n in program.graph.nodes if n.op == "call_function" and str(n.target).startswith("pi_build.")})
+
+
 def compile_engine(module: nn.Module, example_inputs: tuple[Tensor, ...], backend: str, out_dir: Path) -> dict[str, Any]:
     """Build the engine files for ``module`` into ``out_dir``; returns {"files": [...], "runner": ..., ...}."""
     if backend == "inductor":
         program = export_program(module, example_inputs)
         cuda = example_inputs[0].is_cuda
         ok, problem = aoti_works(example_inputs[0].device)
+        if ok and python_ops(program):
+            ok, problem = False, f"the engine calls pi-build's Triton kernels ({', '.join(python_ops(program))}), which AOTInductor packages cannot hold"
         if ok:
             aoti = out_dir / AOTI_FILE
             torch._inductor.aoti_compile_and_package(program, package_path=str(aoti), inductor_configs=_inductor_options(cuda))
@@ -124,6 +131,8 @@ def load_engine(folder: Path, runner: str, device: torch.device) -> Engine:
         package = torch._inductor.aoti_load_package(str(folder / AOTI_FILE))
         return lambda *inputs: _as_tuple(package(*inputs))
     if runner in ("torch.compile", "eager"):
+        from pi_build import kernels  # noqa: F401  registers the custom ops a program may call
+
         module = torch.export.load(str(folder / PROGRAM_FILE)).module().to(device)
         if runner == "torch.compile":
             cache = (folder / CACHE_FILE).read_bytes()

@@ -134,17 +134,26 @@ def check_gate(component: str, metrics: dict[str, float], gate) -> dict[str, Any
 # ----------------------------------------------------------------------------- modules per stage
 
 
-def component_module(ctx: BuildContext, component: str, *, scales: dict | None = None) -> nn.Module:
-    """The component in its recipe precision; FP8 linears applied from calibrated scales."""
-    precision = ctx.recipe.component(component).precision
-    module = build_component(ctx.model, component, ctx.shapes, precision)
-    if precision == "fp8":
+def component_module(ctx: BuildContext, component: str, *, scales: dict | None = None) -> tuple[nn.Module, dict | None]:
+    """The component in its recipe precision; FP8 linears applied from calibrated scales.
+
+    The denoise step compiled by Inductor on a GPU uses pi-build's Triton kernels (kernels.py) for
+    its few-token GEMMs and attention; returns the module and what was switched (None: nothing).
+    """
+    from pi_build import kernels
+
+    spec = ctx.recipe.component(component)
+    module = build_component(ctx.model, component, ctx.shapes, spec.precision)
+    if spec.precision == "fp8":
         if scales is None:
             raise BuildError(f"{component} is fp8 but has no calibrated scales: run `pi-build quantize` first")
         from pi_build.fp8 import apply_fp8
 
         module = apply_fp8(module, scales)
-    return module.to(ctx.device).eval()
+    switched = None
+    if component == "denoise" and spec.backend == "inductor" and kernels.triton_available(ctx.device):
+        switched = module.use_triton_kernels()
+    return module.to(ctx.device).eval(), switched
 
 
 def gate_module(ctx: BuildContext, component: str, run: Callable[..., tuple[Tensor, ...]], probe: nn.Module, seed: int) -> dict[str, Any]:
@@ -270,7 +279,7 @@ def stage_compile(ctx: BuildContext, component: str) -> Path:
     t0 = time.perf_counter()
     spec = ctx.recipe.component(component)
     scales, scales_ref = _latest_scales(ctx, component) if spec.precision == "fp8" else (None, None)
-    module = component_module(ctx, component, scales=scales)
+    module, triton_kernels = component_module(ctx, component, scales=scales)
     inputs = _fresh_inputs(module, 1, ctx.device)
     with torch.no_grad():
         outputs = tuple(module(*inputs)) if component == "kvcache" else (module(*inputs),)
@@ -290,6 +299,7 @@ def stage_compile(ctx: BuildContext, component: str) -> Path:
             "aoti_problem": engine_info.get("aoti_problem"),
             "vocab_size": ctx.model.cfg.vocab_size,
             "fp8_scales": scales_ref,
+            "triton_kernels": triton_kernels,
             "accuracy": report,
             "build_seconds": time.perf_counter() - t0,
             "compile_seconds": compile_seconds,

@@ -1,0 +1,318 @@
+"""Triton kernels for the denoise step, where 10-51 tokens make every GEMM and attention skinny.
+
+Why: one denoise step reads the action expert's weights (0.6 GB in bf16) to multiply them with
+10-51 token rows. The library GEMMs (cuBLAS) reach about half of the copy bandwidth at that shape,
+and attention kernels built for many queries occupy one or two multiprocessors (docs/PERFORMANCE.md).
+Two small kernels, each split so that a few hundred programs share the work:
+
+- ``SkinnyLinear`` (``skinny_mm_partials``): y = x W^T + b for M <= 64 rows and a bf16 W. Each
+  program multiplies a BLOCK_N slice of W's rows over one K/SPLIT slice and writes float32 partial
+  sums [SPLIT, M, N]; the sum over SPLIT (and the bias and whatever follows: residual, gate,
+  GELU) is left to plain torch code, where Inductor fuses it into the next elementwise kernel.
+- ``few_query_attention``: attention of the step's folded queries (tokens x heads, one KV head)
+  over the cached prefix keys followed by the step's own keys, without concatenating them.
+  Programs split the keys (flash-decoding): each writes an unnormalised partial output with its
+  row max and row sum; a second kernel merges the splits into the bf16 output.
+
+Both run as ``torch.library`` custom ops so that torch.export keeps them as single graph nodes,
+torch.compile calls them and a CUDA graph captures their launches. On the CPU the ops compute
+the same arithmetic in plain torch (engines built there never select these kernels); the tests
+run the Triton code itself through Triton's interpreter (TRITON_INTERPRET=1, a fresh process).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import Tensor, nn
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the torch paths below still work
+    triton = None
+
+# Triton's interpreter runs the kernels on CPU tensors (numpy inside); it must be chosen before
+# triton is first imported, so tests run it in a fresh process with TRITON_INTERPRET=1.
+INTERPRET = triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_available(device: torch.device) -> bool:
+    """True where the kernels can run: a CUDA device (or the interpreter) and Triton importable;
+    PI_BUILD_TRITON=0 turns them off (for A/B measurements)."""
+    if triton is None or os.environ.get("PI_BUILD_TRITON", "1") == "0":
+        return False
+    return device.type == "cuda" or INTERPRET
+
+
+# ----------------------------------------------------------------------------- split choices
+
+
+def skinny_split(m: int, n: int, k: int) -> int:
+    """How many K slices ``skinny_mm_partials`` uses: enough programs to keep every multiprocessor
+    loading weights (K slices of 256), but no more than keeps the float32 partial sums under an
+    eighth of the bf16 weight bytes (S*M*N*4 <= N*K*2/8)."""
+    limit = min(k // 256, k // (16 * m))
+    split = 1
+    while split * 2 <= limit and k % (split * 2 * 16) == 0:
+        split *= 2
+    return split
+
+
+def skinny_supported(m: int, n: int, k: int) -> bool:
+    """Shapes the skinny kernel takes: few rows, N and K in whole 16-blocks (the tensor-core tile)."""
+    return m <= 64 and n % 16 == 0 and k % 16 == 0
+
+
+def _largest_block(size: int, cap: int) -> int:
+    """The largest power of two <= cap (and >= 16) that divides size."""
+    block = cap
+    while size % block:
+        block //= 2
+    return block
+
+
+ATTN_BLOCK_S = 64  # keys per program of few_query_attention
+ATTN_BLOCK_R = 16  # folded query rows per program
+
+
+def attention_splits(keys: int) -> int:
+    return -(-keys // ATTN_BLOCK_S)
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+
+if triton is not None:
+
+    @triton.jit
+    def _skinny_mm(x_ptr, w_ptr, out_ptr, M, N, stride_xm, stride_wn,
+                   K_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   INTERPRET: tl.constexpr):
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        rm = tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = pid_s * K_SPLIT + tl.arange(0, BLOCK_K)
+        x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]
+        w_ptrs = w_ptr + rn[:, None] * stride_wn + rk[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for _ in range(K_SPLIT // BLOCK_K):
+            x = tl.load(x_ptrs, mask=rm[:, None] < M, other=0.0)
+            w = tl.load(w_ptrs)
+            if INTERPRET:  # the interpreter's bf16 dot is broken; bf16 values are exact in float32
+                acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+            else:
+                acc += tl.dot(x, tl.trans(w))
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        out_ptrs = out_ptr + pid_s * M * N + rm[:, None] * N + rn[None, :]
+        tl.store(out_ptrs, acc, mask=rm[:, None] < M)
+
+    @triton.jit
+    def _few_query_attn(q_ptr, kc_ptr, vc_ptr, kn_ptr, vn_ptr, mask_ptr, acc_ptr, max_ptr, sum_ptr,
+                        B, S_CACHE, T, R, scale,
+                        sq_b, sq_t, sq_h, skc_b, skc_s, svc_b, svc_s, skn_b, skn_t, svn_b, svn_t, sm_b, sm_t,
+                        HQ: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
+                        INTERPRET: tl.constexpr):
+        pid_s = tl.program_id(0)
+        pid_r = tl.program_id(1)
+        b = tl.program_id(2)
+        r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # folded query row = token * HQ + head
+        t = r // HQ
+        h = r % HQ
+        row_ok = r < R
+        d = tl.arange(0, D)
+        q = tl.load(q_ptr + b * sq_b + t[:, None] * sq_t + h[:, None] * sq_h + d[None, :], mask=row_ok[:, None], other=0.0)
+        j = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)  # key index: cache first, then the step's own keys
+        in_cache = j < S_CACHE
+        in_new = (j >= S_CACHE) & (j < S_CACHE + T)
+        jn = j - S_CACHE
+        k = tl.load(kc_ptr + b * skc_b + j[:, None] * skc_s + d[None, :], mask=in_cache[:, None], other=0.0) \
+            + tl.load(kn_ptr + b * skn_b + jn[:, None] * skn_t + d[None, :], mask=in_new[:, None], other=0.0)
+        v = tl.load(vc_ptr + b * svc_b + j[:, None] * svc_s + d[None, :], mask=in_cache[:, None], other=0.0) \
+            + tl.load(vn_ptr + b * svn_b + jn[:, None] * svn_t + d[None, :], mask=in_new[:, None], other=0.0)
+        if INTERPRET:
+            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        allowed = tl.load(mask_ptr + b * sm_b + t[:, None] * sm_t + j[None, :],
+                          mask=row_ok[:, None] & (j < S_CACHE + T)[None, :], other=0)
+        s = tl.where(allowed != 0, s * scale, float("-inf"))
+        row_max = tl.max(s, axis=1)
+        base = tl.where(row_max == float("-inf"), 0.0, row_max)  # a row with no key here: p = 0
+        p = tl.exp(s - base[:, None])
+        row_sum = tl.sum(p, axis=1)
+        if INTERPRET:
+            acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(v.dtype), v)
+        row = (pid_s * B + b) * R + r
+        tl.store(acc_ptr + row[:, None] * D + d[None, :], acc, mask=row_ok[:, None])
+        tl.store(max_ptr + row, row_max, mask=row_ok)
+        tl.store(sum_ptr + row, row_sum, mask=row_ok)
+
+    @triton.jit
+    def _combine_splits(acc_ptr, max_ptr, sum_ptr, out_ptr, ROWS, SPLITS,
+                        D: tl.constexpr, BLOCK_SPLITS: tl.constexpr):
+        row = tl.program_id(0)  # one of B * T * HQ output rows
+        s = tl.arange(0, BLOCK_SPLITS)
+        ok = s < SPLITS
+        row_max = tl.load(max_ptr + s * ROWS + row, mask=ok, other=float("-inf"))
+        top = tl.max(row_max, axis=0)
+        weight = tl.where(row_max == float("-inf"), 0.0, tl.exp(row_max - top))  # a split with no key: 0
+        total = tl.sum(tl.load(sum_ptr + s * ROWS + row, mask=ok, other=0.0) * weight, axis=0)
+        d = tl.arange(0, D)
+        acc = tl.load(acc_ptr + (s[:, None] * ROWS + row) * D + d[None, :], mask=ok[:, None], other=0.0)
+        out = tl.sum(acc * weight[:, None], axis=0) / total
+        tl.store(out_ptr + row * D + d, out.to(out_ptr.dtype.element_ty))
+
+
+# Block sizes per program, chosen by measurement on an H100 (scripts/denoise_experiments.py).
+SKINNY_BLOCK_N, SKINNY_BLOCK_K, SKINNY_WARPS, SKINNY_STAGES = 64, 128, 4, 3
+ATTN_WARPS, ATTN_STAGES = 4, 2
+
+
+def _launch_skinny(x: Tensor, weight: Tensor) -> Tensor:
+    m, k = x.shape
+    n = weight.shape[0]
+    split = skinny_split(m, n, k)
+    out = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    block_n, block_k = _largest_block(n, SKINNY_BLOCK_N), _largest_block(k // split, SKINNY_BLOCK_K)
+    grid = (n // block_n, split)
+    _skinny_mm[grid](
+        x, weight, out, m, n, x.stride(0), weight.stride(0),
+        K_SPLIT=k // split, BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=block_k,
+        INTERPRET=INTERPRET,
+        **({} if INTERPRET else {"num_warps": SKINNY_WARPS, "num_stages": SKINNY_STAGES}),
+    )
+    return out
+
+
+def _launch_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tensor, mask: Tensor) -> Tensor:
+    b, t, hq, d = q.shape
+    s_cache = k_cache.shape[1]
+    rows, splits = t * hq, attention_splits(s_cache + t)
+    acc = torch.empty(splits, b, rows, d, dtype=torch.float32, device=q.device)
+    row_max = torch.empty(splits, b, rows, dtype=torch.float32, device=q.device)
+    row_sum = torch.empty_like(row_max)
+    mask_u8 = mask.view(torch.uint8)
+    launch = {} if INTERPRET else {"num_warps": ATTN_WARPS, "num_stages": ATTN_STAGES}
+    _few_query_attn[(splits, -(-rows // ATTN_BLOCK_R), b)](
+        q, k_cache, v_cache, k_new, v_new, mask_u8, acc, row_max, row_sum,
+        b, s_cache, t, rows, d**-0.5,
+        q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), mask_u8.stride(0), mask_u8.stride(1),
+        HQ=hq, D=d, BLOCK_R=ATTN_BLOCK_R, BLOCK_S=ATTN_BLOCK_S, INTERPRET=INTERPRET, **launch,
+    )
+    out = torch.empty(b, t, hq * d, dtype=q.dtype, device=q.device)
+    _combine_splits[(b * rows,)](acc, row_max, row_sum, out, b * rows, splits, D=d,
+                                 BLOCK_SPLITS=triton.next_power_of_2(splits), **({} if INTERPRET else {"num_warps": 4}))
+    return out
+
+
+# ----------------------------------------------------------------------------- the custom ops
+
+
+def _check_last_dim_contiguous(name: str, *tensors: Tensor) -> None:
+    for t in tensors:
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name}: inputs need a contiguous last dimension, got strides {t.stride()}")
+
+
+@torch.library.custom_op("pi_build::skinny_mm_partials", mutates_args=())
+def skinny_mm_partials(x: Tensor, weight: Tensor) -> Tensor:
+    """Partial sums [SPLIT, M, N] (float32) of x [M, K] times weight [N, K]^T (bf16) over SPLIT
+    slices of K, SPLIT = ``skinny_split(M, N, K)``."""
+    _check_last_dim_contiguous("skinny_mm_partials", x, weight)
+    if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16:
+        raise TypeError(f"skinny_mm_partials takes bf16 x and weight, got {x.dtype} and {weight.dtype}")
+    if x.is_cuda or INTERPRET:
+        return _launch_skinny(x, weight)
+    m, k = x.shape
+    split = skinny_split(m, weight.shape[0], k)
+    slices = [slice(i * k // split, (i + 1) * k // split) for i in range(split)]
+    return torch.stack([x[:, s].float() @ weight[:, s].float().T for s in slices])
+
+
+@skinny_mm_partials.register_fake
+def _(x: Tensor, weight: Tensor) -> Tensor:
+    m, k = x.shape
+    n = weight.shape[0]
+    return x.new_empty(skinny_split(m, n, k), m, n, dtype=torch.float32)
+
+
+@torch.library.custom_op("pi_build::few_query_attention", mutates_args=())
+def few_query_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tensor, mask: Tensor) -> Tensor:
+    """softmax(q k^T / sqrt(D), masked) v over the keys [cache; new] -> [B, T, HQ * D] in q's dtype.
+
+    q [B, T, HQ, D] (roped); k_cache/v_cache [B, S, D] (the one KV head); k_new/v_new [B, T, D] (the
+    step's own, k roped); mask bool [B, T, S + T] (True = attend). Logits and the softmax are
+    float32, the probabilities meet V in V's dtype (as ``components.few_query_attention``).
+    """
+    _check_last_dim_contiguous("few_query_attention", q, k_cache, v_cache, k_new, v_new, mask)
+    if q.is_cuda or INTERPRET:
+        return _launch_attention(q, k_cache, v_cache, k_new, v_new, mask)
+    b, t, hq, d = q.shape
+    keys = torch.cat([k_cache, k_new], dim=1).float()
+    values = torch.cat([v_cache, v_new], dim=1)
+    logits = torch.einsum("bthd,bsd->bths", q.float(), keys) * d**-0.5
+    probs = logits.masked_fill(~mask[:, :, None, :], float("-inf")).softmax(-1)
+    return torch.einsum("bths,bsd->bthd", probs.to(values.dtype).float(), values.float()).reshape(b, t, hq * d).to(q.dtype)
+
+
+@few_query_attention.register_fake
+def _(q, k_cache, v_cache, k_new, v_new, mask):
+    b, t, hq, d = q.shape
+    return q.new_empty(b, t, hq * d)
+
+
+# ----------------------------------------------------------------------------- what the model calls
+
+
+class SkinnyLinear(nn.Module):
+    """A bf16 nn.Linear computed by ``skinny_mm_partials`` (few rows); the sum over K slices is torch code."""
+
+    def __init__(self, layer: nn.Linear):
+        super().__init__()
+        if type(layer) is not nn.Linear or layer.weight.dtype != torch.bfloat16:
+            raise TypeError(f"SkinnyLinear takes a bf16 nn.Linear, got a {type(layer).__name__} of {layer.weight.dtype}")
+        self.register_buffer("weight", layer.weight.detach())
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach())
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead, k = x.shape[:-1], x.shape[-1]
+        out = skinny_mm_partials(x.reshape(-1, k).contiguous(), self.weight).sum(0)
+        if self.bias is not None:
+            out = out + self.bias.float()
+        return out.to(x.dtype).reshape(*lead, -1)
+
+
+def use_skinny_linears(module: nn.Module, names: list[str], rows: int) -> list[str]:
+    """Replace the named bf16 nn.Linear layers by SkinnyLinear where the shape suits; returns those replaced.
+
+    FP8 layers (fp8.Fp8Linear) keep torch._scaled_mm: measured on an H100, FP8 weights in this
+    kernel save little (a step's GEMMs are bound by per-kernel latency more than by bytes) and the
+    library's FP8 step was faster (docs/PERFORMANCE.md).
+    """
+    replaced = []
+    for name in names:
+        layer = module.get_submodule(name)
+        n, k = layer.weight.shape
+        if type(layer) is not nn.Linear or layer.weight.dtype != torch.bfloat16 or not skinny_supported(rows, n, k):
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(module.get_submodule(parent), child, SkinnyLinear(layer))
+        replaced.append(name)
+    return replaced
+
+
+def attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tensor, mask: Tensor) -> Tensor:
+    """Plain float64 attention, the tests' truth: [B, T, HQ*D]."""
+    b, t, hq, d = q.shape
+    keys = torch.cat([k_cache, k_new], dim=1).double()
+    values = torch.cat([v_cache, v_new], dim=1).double()
+    logits = torch.einsum("bthd,bsd->bths", q.double(), keys) / math.sqrt(d)
+    logits = logits.masked_fill(~mask[:, :, None, :], float("-inf"))
+    return torch.einsum("bths,bsd->bthd", logits.softmax(-1), values).reshape(b, t, hq * d)
