@@ -29,13 +29,13 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def attention_case(t: int, s: int, hq: int, d: int, seed: int, device: str = "cpu"):
+def attention_case(t: int, s: int, hq: int, d: int, seed: int, device: str = "cpu", b: int = 1):
     """Random q/k/v and a mask like the denoise step's: prefix keys with padding, a causal suffix,
     and a stretch of keys that no query attends to (a split with nothing to read)."""
     g = torch.Generator().manual_seed(seed)
-    q, kc, vc = torch.randn(1, t, hq, d, generator=g), torch.randn(1, s, d, generator=g), torch.randn(1, s, d, generator=g)
-    kn, vn = torch.randn(1, t, d, generator=g), torch.randn(1, t, d, generator=g)
-    mask = torch.rand(1, t, s + t, generator=g) > 0.3
+    q, kc, vc = torch.randn(b, t, hq, d, generator=g), torch.randn(b, s, d, generator=g), torch.randn(b, s, d, generator=g)
+    kn, vn = torch.randn(b, t, d, generator=g), torch.randn(b, t, d, generator=g)
+    mask = torch.rand(b, t, s + t, generator=g) > 0.3
     mask[..., s // 3: s // 3 + 70] = False
     mask[..., s:] = torch.tril(torch.ones(t, t, dtype=torch.bool))
     return tuple(x.to(device) for x in (q.bfloat16(), kc.bfloat16(), vc.bfloat16(), kn.bfloat16(), vn.bfloat16(), mask))
@@ -85,6 +85,13 @@ def test_ops_refuse_what_they_cannot_compute():
         kernels.skinny_mm_partials(x, w.t().contiguous().t())
     with pytest.raises(TypeError, match="bf16 nn.Linear"):
         kernels.SkinnyLinear(torch.nn.Linear(64, 64))  # float32
+
+
+def test_a_gpu_engine_without_triton_says_what_is_missing(monkeypatch):
+    monkeypatch.setattr(kernels, "triton", None)
+    with pytest.raises(RuntimeError, match="Triton is not installed"):
+        kernels._use_triton("few_query_attention", torch.device("cuda"))
+    assert not kernels.triton_available(torch.device("cuda"))
 
 
 def test_skinny_linear_keeps_the_bias_and_leading_dims():
@@ -154,10 +161,10 @@ CHECKS = textwrap.dedent("""
         x, w = skinny_case(m, n, k, seed=m, device=device)
         parts = kernels.skinny_mm_partials(x, w)
         out[f"skinny {{m}}x{{n}}x{{k}}"] = [list(parts.shape), rel_err(parts.sum(0), x.double() @ w.double().T)]
-    for t, s, hq, d in [(10, 150, 4, 64), (3, 40, 2, 16), (51, 100, 8, 32)]:
-        case = attention_case(t, s, hq, d, seed=t, device=device)
+    for b, t, s, hq, d in [(1, 10, 150, 4, 64), (1, 3, 40, 2, 16), (1, 51, 100, 8, 32), (2, 10, 90, 4, 32)]:
+        case = attention_case(t, s, hq, d, seed=t, device=device, b=b)
         got = kernels.few_query_attention(*case)
-        out[f"attention {{t}}x{{s}}x{{hq}}x{{d}}"] = [list(got.shape), rel_err(got, kernels.attention_reference(*case))]
+        out[f"attention {{b}}x{{t}}x{{s}}x{{hq}}x{{d}}"] = [list(got.shape), rel_err(got, kernels.attention_reference(*case))]
     if device == "cpu":  # the whole denoise step with the kernels against the library path
         for config in ("pi05_tiny", "pi0_tiny"):
             plain, _ = tiny_denoise(config, False)
@@ -185,8 +192,8 @@ def check_results(results: dict) -> None:
             assert shape == [kernels.skinny_split(m, n, k), m, n], name
             assert err < 1e-5, (name, err)  # float32 sums of exact bf16 products
         elif name.startswith("attention"):
-            t, s, hq, d = (int(v) for v in name.split()[1].split("x"))
-            assert shape == [1, t, hq * d], name
+            b, t, s, hq, d = (int(v) for v in name.split()[1].split("x"))
+            assert shape == [b, t, hq * d], name
             assert err < 1e-2, (name, err)  # probabilities meet V in bf16, output rounded to bf16
         else:
             assert err < 1e-2, (name, err)
@@ -195,12 +202,12 @@ def check_results(results: dict) -> None:
 @pytest.mark.slow
 def test_triton_kernels_in_the_interpreter():
     results = run_checks("cpu")
-    assert len(results) == 9
+    assert len(results) == 10
     check_results(results)
 
 
 @cuda
 def test_triton_kernels_on_the_gpu():
     results = run_checks("cuda")
-    assert len(results) == 7
+    assert len(results) == 8
     check_results(results)

@@ -217,6 +217,13 @@ def _launch_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_new: Tensor
 # ----------------------------------------------------------------------------- the custom ops
 
 
+def _use_triton(name: str, device: torch.device) -> bool:
+    """Whether an op launches its Triton kernel (CUDA tensors, or the interpreter) or computes in torch."""
+    if device.type == "cuda" and triton is None:
+        raise RuntimeError(f"{name}: this engine calls pi-build's Triton kernels, but Triton is not installed (pip install triton)")
+    return device.type == "cuda" or INTERPRET
+
+
 def _check_last_dim_contiguous(name: str, *tensors: Tensor) -> None:
     for t in tensors:
         if t.stride(-1) != 1:
@@ -230,7 +237,7 @@ def skinny_mm_partials(x: Tensor, weight: Tensor) -> Tensor:
     _check_last_dim_contiguous("skinny_mm_partials", x, weight)
     if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16:
         raise TypeError(f"skinny_mm_partials takes bf16 x and weight, got {x.dtype} and {weight.dtype}")
-    if x.is_cuda or INTERPRET:
+    if _use_triton("skinny_mm_partials", x.device):
         return _launch_skinny(x, weight)
     m, k = x.shape
     split = skinny_split(m, weight.shape[0], k)
@@ -254,7 +261,7 @@ def few_query_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_new: Tens
     float32, the probabilities meet V in V's dtype (as ``components.few_query_attention``).
     """
     _check_last_dim_contiguous("few_query_attention", q, k_cache, v_cache, k_new, v_new, mask)
-    if q.is_cuda or INTERPRET:
+    if _use_triton("few_query_attention", q.device):
         return _launch_attention(q, k_cache, v_cache, k_new, v_new, mask)
     b, t, hq, d = q.shape
     keys = torch.cat([k_cache, k_new], dim=1).float()
