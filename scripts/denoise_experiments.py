@@ -222,8 +222,8 @@ def profile(compiled, inputs, label: str) -> None:
     events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     total = sum(e.self_device_time_total for e in events)
     print(f"{label}: one step, no graph: {sum(e.count for e in events)} kernels, {total / 1e3:.3f} ms of kernel time")
-    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:12]:
-        print(f"  {e.self_device_time_total / 1e3:7.3f} ms  x{e.count:<4} {e.key[:90]}")
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:30]:
+        print(f"  {e.self_device_time_total / 1e3:7.3f} ms  x{e.count:<4} {e.key[:160]}")
 
 
 def main() -> None:
