@@ -23,28 +23,6 @@ from pi_build.components import Shapes, build_component, denoise_loop
 from pi_build.model import build_model, get_config
 
 
-def graph_time(fn, args, steps: int, iters: int = 50) -> float:
-    idx = torch.arange(steps, device="cuda")
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            denoise_loop(fn, *args, steps=idx)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        denoise_loop(fn, *args, steps=idx)
-    for _ in range(5):
-        g.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        g.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / iters / steps
-
-
 def fp8_from_hooks(module: torch.nn.Module, batches: list[tuple], keep: tuple[str, ...]) -> torch.nn.Module:
     """FP8 linears with max-calibrated static scales from one forward (a quick stand-in for ModelOpt)."""
     from fnmatch import fnmatch
@@ -87,6 +65,12 @@ def timed_graph(fn, iters: int = 50) -> float:
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / iters
+
+
+def graph_time(fn, args, steps: int) -> float:
+    """ms per step of a CUDA graph of the whole ``steps``-step denoise loop over the step engine ``fn``."""
+    idx = torch.arange(steps, device="cuda")
+    return timed_graph(lambda: denoise_loop(fn, *args, steps=idx)) / steps
 
 
 EXPERT_SHAPES = {"qkv": (2560, 1024), "o": (1024, 2048), "gate_up": (8192, 1024), "down": (1024, 4096)}
