@@ -99,8 +99,9 @@ def compile_engine(module: nn.Module, example_inputs: tuple[Tensor, ...], backen
         program = export_program(module, example_inputs)
         cuda = example_inputs[0].is_cuda
         ok, problem = aoti_works(example_inputs[0].device)
-        if ok and python_ops(program):
-            ok, problem = False, f"the engine calls pi-build's Triton kernels ({', '.join(python_ops(program))}), which AOTInductor packages cannot hold"
+        custom_ops = python_ops(program)
+        if ok and custom_ops:
+            ok, problem = False, f"the engine calls pi-build's Triton kernels ({', '.join(custom_ops)}), which AOTInductor packages cannot hold"
         if ok:
             aoti = out_dir / AOTI_FILE
             torch._inductor.aoti_compile_and_package(program, package_path=str(aoti), inductor_configs=_inductor_options(cuda))
