@@ -1,0 +1,101 @@
+"""The names pi-build is built from, defined once: components, precisions, backends, cameras,
+stages, and the accuracy gate. Importing this module imports neither torch nor the model.
+
+Each name is a string enum, so it compares equal to its text (``Precision.FP8 == "fp8"``) and
+is written to JSON (manifests, recipes) as that text.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+import sys
+
+if sys.version_info >= (3, 11):
+    from enum import StrEnum
+else:  # Python 3.10
+
+    class StrEnum(str, enum.Enum):
+        def __str__(self) -> str:
+            return str(self.value)
+
+        def __format__(self, spec: str) -> str:
+            return str(self.value).__format__(spec)
+
+
+class Component(StrEnum):
+    """The three engines, in pipeline order: vision -> kvcache -> denoise."""
+
+    VISION = "vision"
+    KVCACHE = "kvcache"
+    DENOISE = "denoise"
+
+
+COMPONENTS: tuple[Component, ...] = tuple(Component)
+
+
+class Precision(StrEnum):
+    """How a component computes: float32, bfloat16, or FP8 (e4m3) linears with bf16 around them.
+
+    Listed most precise first (``Precision.least_precise`` relies on the order).
+    """
+
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP8 = "fp8"
+
+    @staticmethod
+    def least_precise(precisions: list[Precision]) -> Precision:
+        order = list(Precision)
+        return max(precisions, key=order.index)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes per weight element in this precision."""
+        return {Precision.FP32: 4, Precision.BF16: 2, Precision.FP8: 1}[self]
+
+
+class Backend(StrEnum):
+    """What compiles an engine: Inductor (AOTInductor or torch.compile), nothing (eager), or TensorRT."""
+
+    INDUCTOR = "inductor"
+    EAGER = "eager"
+    TENSORRT = "tensorrt"
+
+
+class Camera(StrEnum):
+    """Model cameras, in the order the checkpoints were trained with (image tokens enter the prefix so)."""
+
+    BASE = "base_0_rgb"
+    LEFT_WRIST = "left_wrist_0_rgb"
+    RIGHT_WRIST = "right_wrist_0_rgb"
+
+
+CAMERAS: tuple[Camera, ...] = tuple(Camera)
+
+
+class Device(StrEnum):
+    AUTO = "auto"  # cuda when a GPU is visible, else cpu
+    CUDA = "cuda"
+    CPU = "cpu"
+
+
+class Stage(StrEnum):
+    """The build stages, in order."""
+
+    EXPORT = "export"
+    QUANTIZE = "quantize"
+    COMPILE = "compile"
+    CAPTURE = "capture"
+
+
+@dataclass(frozen=True)
+class Gate:
+    """What outputs must reach against the reference: a minimum cosine similarity and a maximum
+    relative error ||out - ref|| / ||ref||. NaN passes no gate."""
+
+    cosine: float
+    rel_err: float
+
+    def passes(self, cosine: float, rel_err: float) -> bool:
+        return cosine >= self.cosine and rel_err <= self.rel_err  # False for NaN
