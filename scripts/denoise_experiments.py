@@ -19,15 +19,15 @@ import time
 
 import torch
 
-from pi_build.components import Shapes, build_component, denoise_loop
-from pi_build.model import build_model, get_config
+from pi_build.engine.components import Shapes, build_component, denoise_loop
+from pi_build.model.pi0 import build_model, get_config
 
 
 def fp8_from_hooks(module: torch.nn.Module, batches: list[tuple], keep: tuple[str, ...]) -> torch.nn.Module:
     """FP8 linears with max-calibrated static scales from one forward (a quick stand-in for ModelOpt)."""
     from fnmatch import fnmatch
 
-    from pi_build.fp8 import apply_fp8
+    from pi_build.engine.fp8 import apply_fp8
 
     amax: dict[str, float] = {}
     hooks = []
@@ -77,8 +77,8 @@ EXPERT_SHAPES = {"qkv": (2560, 1024), "o": (1024, 2048), "gate_up": (8192, 1024)
 
 
 def gemm_experiments(sweep: bool) -> None:
-    from pi_build import kernels
-    from pi_build.fp8 import quantize_fp8, scaled_mm_fp8_linear
+    from pi_build.engine import kernels
+    from pi_build.engine.fp8 import quantize_fp8, scaled_mm_fp8_linear
 
     weights = {name: [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(18)] for name, (n, k) in EXPERT_SHAPES.items()}
     scale = torch.tensor(0.02 * 4 / 448, device="cuda")
@@ -121,8 +121,8 @@ def gemm_experiments(sweep: bool) -> None:
 
 
 def attention_experiments() -> None:
-    from pi_build import kernels
-    from pi_build.components import few_query_attention
+    from pi_build.engine import kernels
+    from pi_build.engine.components import few_query_attention
 
     for t, s_cache in ((10, 712), (51, 560)):
         q = torch.randn(1, t, 8, 256, device="cuda", dtype=torch.bfloat16)
@@ -171,7 +171,7 @@ def prefix_attention_experiments() -> None:
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from pi_build.components import mqa_attention
+    from pi_build.engine.components import mqa_attention
 
     n, valid = 712, 532
     q = torch.randn(1, 8, n, 256, device="cuda", dtype=torch.bfloat16)

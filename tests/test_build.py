@@ -9,9 +9,9 @@ import torch
 from pi_build import artifacts, backends
 from pi_build.cli.build import app as build_app
 from pi_build.cli.run import app as run_app
-from pi_build.checkpoints import load_checkpoint
-from pi_build.model import ModelInputs
-from pi_build.runtime import load_pipeline, load_policy
+from pi_build.model.checkpoints import load_checkpoint
+from pi_build.model.pi0 import ModelInputs
+from pi_build.runtime.pipeline import load_pipeline, load_policy
 
 from conftest import RECIPE, invoke, runner
 
@@ -40,10 +40,10 @@ def test_build_lands_every_stage_with_manifests(workspace):
 
 def test_fp8_is_within_its_gate_and_really_quantized(workspace):
     """The FP8 kvcache engine differs measurably from float32 and stays inside the fp8 gate."""
-    from pi_build.build import open_context
-    from pi_build.components import build_component
-    from pi_build.accuracy import component_metrics
-    from pi_build.recipes import load_recipe
+    from pi_build.build.stages import open_context
+    from pi_build.engine.components import build_component
+    from pi_build.engine.accuracy import component_metrics
+    from pi_build.recipe import load_recipe
 
     ctx = open_context(load_recipe(workspace["recipe"]), workspace["engines"], log=lambda s: None)
     pipeline = load_pipeline(workspace["engines"], "t", "cpu")
@@ -180,7 +180,7 @@ def test_export_stage_lands_verified_onnx(workspace, tmp_path):
 def test_quantize_calibrates_on_a_users_observation_file(workspace, tmp_path):
     import numpy as np
 
-    from pi_build import fp8
+    from pi_build.engine import fp8
     from pi_build.envs.libero import load_recorded_observations
 
     obs = load_recorded_observations()[:3]

@@ -12,8 +12,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from pi_build import checkpoints
-from pi_build.checkpoints import (
+from pi_build.model import checkpoints
+from pi_build.model.checkpoints import (
     EMBED_KEY,
     EXPERT_LM_HEAD_KEY,
     LM_HEAD_KEY,
@@ -23,7 +23,7 @@ from pi_build.checkpoints import (
     make_random_checkpoint,
     save_checkpoint,
 )
-from pi_build.model import CONFIGS, GemmaConfig, ModelInputs, PiModel, SiglipConfig, build_model, get_config
+from pi_build.model.pi0 import CONFIGS, GemmaConfig, ModelInputs, PiModel, SiglipConfig, build_model, get_config
 
 HORIZON = 7  # not any preset's horizon, so it must come from config.json
 

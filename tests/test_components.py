@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from pi_build.accuracy import component_metrics, metrics
-from pi_build.components import COMPONENTS, Shapes, build_component, denoise_loop, euler_times, reference_outputs
-from pi_build.model import KVCache, ModelInputs, build_model, get_config
+from pi_build.engine.accuracy import component_metrics, metrics
+from pi_build.engine.components import COMPONENTS, Shapes, build_component, denoise_loop, euler_times, reference_outputs
+from pi_build.model.pi0 import KVCache, ModelInputs, build_model, get_config
 
 STEPS = 3
 

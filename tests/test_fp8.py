@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pi_build import fp8
-from pi_build.fp8 import FP8_MAX, Fp8Linear, apply_fp8, calibrate, load_scales, save_scales
+from pi_build.engine import fp8
+from pi_build.engine.fp8 import FP8_MAX, Fp8Linear, apply_fp8, calibrate, load_scales, save_scales
 
 CUDA_FP8 = torch.cuda.is_available() and fp8.has_fp8_gemm(torch.device("cuda"))
 
@@ -300,8 +300,8 @@ def linears_called(module: nn.Module, inputs: tuple) -> set[str]:
 @pytest.mark.filterwarnings("ignore:these linear layers never ran")
 @pytest.mark.parametrize("config", ["pi05_tiny", "pi0_tiny"])
 def test_fp8_components_of_the_tiny_model(config):
-    from pi_build.components import Shapes, build_components
-    from pi_build.model import build_model, get_config
+    from pi_build.engine.components import Shapes, build_components
+    from pi_build.model.pi0 import build_model, get_config
 
     model = build_model(get_config(config).replace(action_horizon=10), seed=0)
     components = build_components(model, Shapes(batch=1, cameras=1, prompt_len=16, horizon=10, steps=2))

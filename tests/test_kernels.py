@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pi_build import kernels
-from pi_build.components import Shapes, build_component
-from pi_build.model import build_model, get_config
+from pi_build.engine import kernels
+from pi_build.engine.components import Shapes, build_component
+from pi_build.model.pi0 import build_model, get_config
 
 pytest.importorskip("triton")
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -154,7 +154,7 @@ CHECKS = textwrap.dedent("""
     import json, sys, torch
     sys.path.insert(0, {tests!r})
     from test_kernels import attention_case, skinny_case, rel_err, tiny_denoise
-    from pi_build import kernels
+    from pi_build.engine import kernels
     device = {device!r}
     out = {{}}
     for m, n, k in [(1, 64, 64), (10, 256, 1024), (51, 128, 512), (16, 96, 160)]:

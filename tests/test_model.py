@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pi_build.model import (
+from pi_build.model.pi0 import (
     CONFIGS,
     ModelInputs,
     attention,
@@ -171,7 +171,7 @@ def test_configs_have_the_published_sizes():
     assert (pi05.expert.width, pi05.expert.mlp_dim) == (1024, 4096)
     assert pi05.max_token_len == 200 and CONFIGS["pi0"].max_token_len == 48
     with torch.device("meta"):
-        from pi_build.model import PiModel
+        from pi_build.model.pi0 import PiModel
 
         n = sum(p.numel() for p in PiModel(CONFIGS["pi0"]).parameters())
     assert 3.2e9 < n < 3.6e9  # pi0 is a ~3.3B-parameter model

@@ -17,9 +17,9 @@ pytest.importorskip("onnxscript", reason="the dynamo ONNX exporter needs onnxscr
 
 from onnx import TensorProto, helper  # noqa: E402
 
-from pi_build.components import Shapes, build_components  # noqa: E402
-from pi_build.model import build_model  # noqa: E402
-from pi_build.onnx_export import (  # noqa: E402
+from pi_build.engine.components import Shapes, build_components  # noqa: E402
+from pi_build.model.pi0 import build_model  # noqa: E402
+from pi_build.backends.onnx import (  # noqa: E402
     OnnxExportError,
     OnnxMismatchError,
     clean_onnx,

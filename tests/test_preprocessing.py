@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from pi_build.model import build_model, get_config
-from pi_build.preprocessing import (
+from pi_build.model.pi0 import build_model, get_config
+from pi_build.transforms.libero import (
     NormStats,
     PolicyTransforms,
     actions_to_env,
@@ -20,7 +20,7 @@ from pi_build.preprocessing import (
     unnormalize,
     uses_quantile_norm,
 )
-from pi_build.tokenizer import PromptTokenizer, train_tiny_tokenizer
+from pi_build.model.tokenizer import PromptTokenizer, train_tiny_tokenizer
 
 PI0 = get_config("pi0_tiny")
 PI05 = get_config("pi05_tiny")

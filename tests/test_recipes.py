@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pi_build.model import CONFIGS
-from pi_build.recipes import (
+from pi_build.model.pi0 import CONFIGS
+from pi_build.recipe import (
     Gate,
     RecipeError,
     load_recipe,

@@ -29,7 +29,7 @@ import pytest
 import websockets
 import websockets.sync.client
 
-from pi_build.serve import (
+from pi_build.runtime.serve import (
     LIBERO_REQUEST_SPEC,
     ArraySpec,
     BadRequest,
@@ -484,7 +484,7 @@ def test_server_stays_responsive_while_the_policy_runs():
 def test_sigint_stops_the_server_cleanly():
     port = free_port()
     code = (
-        "from pi_build.serve import serve\n"
+        "from pi_build.runtime.serve import serve\n"
         f"serve(lambda obs: {{'actions': obs['observation/state']}}, port={port}, metadata={{'policy': 'echo'}})\n"
         "print('returned')\n"
     )
@@ -515,7 +515,7 @@ def test_sigint_stops_the_server_cleanly():
 def test_serves_the_real_policy_over_built_engines(workspace):
     """The runtime's Policy over the tiny engines behind the server: LIBERO actions come back."""
     from pi_build.envs.libero import load_recorded_observations
-    from pi_build.runtime import load_policy
+    from pi_build.runtime.pipeline import load_policy
 
     policy = load_policy(workspace["engines"], "t", "cpu")
     observations = load_recorded_observations()[:2]

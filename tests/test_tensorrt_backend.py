@@ -12,10 +12,10 @@ from torch import nn
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper  # noqa: E402
 
-from pi_build import tensorrt_backend as trtb  # noqa: E402
-from pi_build.components import Shapes, build_components  # noqa: E402
-from pi_build.model import build_model  # noqa: E402
-from pi_build.onnx_export import compare_arrays, describe_onnx  # noqa: E402
+from pi_build.backends import tensorrt as trtb  # noqa: E402
+from pi_build.engine.components import Shapes, build_components  # noqa: E402
+from pi_build.model.pi0 import build_model  # noqa: E402
+from pi_build.backends.onnx import compare_arrays, describe_onnx  # noqa: E402
 
 TRT_OK, TRT_WHY = trtb.tensorrt_available()
 needs_tensorrt = pytest.mark.skipif(not TRT_OK, reason=TRT_WHY)
@@ -185,7 +185,7 @@ def pi05_tiny():
 @pytest.fixture(scope="module")
 def exported(pi05_tiny, tmp_path_factory) -> dict[str, Path]:
     pytest.importorskip("onnxscript", reason="the dynamo ONNX exporter needs onnxscript")
-    from pi_build.onnx_export import export_onnx
+    from pi_build.backends.onnx import export_onnx
 
     model, spec = pi05_tiny
     folder = tmp_path_factory.mktemp("onnx")

@@ -3,7 +3,7 @@ import logging
 import numpy as np
 import pytest
 
-from pi_build.tokenizer import (
+from pi_build.model.tokenizer import (
     BOS_ID,
     LIBERO_INSTRUCTIONS,
     PromptTokenizer,
@@ -71,7 +71,7 @@ def test_truncation_keeps_first_tokens_and_warns(model_path, caplog):
     long_prompt = LIBERO_INSTRUCTIONS[0]
     full = PromptTokenizer(model_path, max_len=200).token_ids(long_prompt)
     tok = PromptTokenizer(model_path, max_len=5)
-    with caplog.at_level(logging.WARNING, logger="pi_build.tokenizer"):
+    with caplog.at_level(logging.WARNING, logger="pi_build.model.tokenizer"):
         tokens, mask = tok.tokenize(long_prompt)
     assert tokens.tolist() == full[:5] and mask.all()
     assert "truncating" in caplog.text and str(len(full)) in caplog.text
@@ -79,7 +79,7 @@ def test_truncation_keeps_first_tokens_and_warns(model_path, caplog):
 
 def test_exact_fit_does_not_warn(model_path, caplog):
     n = len(PromptTokenizer(model_path, max_len=200).token_ids("open the drawer"))
-    with caplog.at_level(logging.WARNING, logger="pi_build.tokenizer"):
+    with caplog.at_level(logging.WARNING, logger="pi_build.model.tokenizer"):
         tokens, mask = PromptTokenizer(model_path, max_len=n).tokenize("open the drawer")
     assert mask.all() and tokens[-1] != 0 and caplog.text == ""
 

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pi_build import artifacts
-from pi_build.components import COMPONENTS
+from pi_build.engine.components import COMPONENTS
 
 app = typer.Typer(help="Build fast, versioned engines for pi0 / pi0.5 policies.", no_args_is_help=True)
 console = Console(width=None if sys.stdout.isatty() else 150)
@@ -25,8 +25,8 @@ ComponentArg = Annotated[Optional[list[str]], typer.Argument(help="components (d
 
 
 def _context(recipe_path: Path, engines: Path | None, overrides: dict):
-    from pi_build.build import open_context
-    from pi_build.recipes import load_recipe
+    from pi_build.build.stages import open_context
+    from pi_build.recipe import load_recipe
 
     recipe = load_recipe(recipe_path, overrides)
     folder = artifacts.engines_dir(engines)
@@ -35,7 +35,7 @@ def _context(recipe_path: Path, engines: Path | None, overrides: dict):
 
 
 def _overrides(items: list[str] | None, **flags) -> dict:
-    from pi_build.recipes import parse_overrides
+    from pi_build.recipe import parse_overrides
 
     out = parse_overrides(items or [])
     out.update({k: v for k, v in flags.items() if v is not None})
@@ -52,7 +52,7 @@ def _components(names: list[str] | None) -> list[str]:
 
 def _run(recipe: Path, engines: Path | None, overrides: dict, plan: list[tuple[str, list[str]]], capture: bool) -> None:
     """Run (component, stages) in order with a progress display, then print the summary table."""
-    from pi_build.build import run_stages, stage_capture
+    from pi_build.build.stages import run_stages, stage_capture
 
     landed: list[Path] = []
     t0 = time.perf_counter()
@@ -77,11 +77,11 @@ def _run(recipe: Path, engines: Path | None, overrides: dict, plan: list[tuple[s
 def _expected_errors() -> tuple[type[Exception], ...]:
     """Errors whose message says what is wrong (bad recipe, checkpoint, artifact, missing backend,
     failed gate): printed as one line instead of a traceback."""
-    from pi_build.build import BuildError
-    from pi_build.checkpoints import CheckpointError
-    from pi_build.onnx_export import OnnxExportError, OnnxMismatchError
-    from pi_build.recipes import RecipeError
-    from pi_build.tensorrt_backend import BackendUnavailable
+    from pi_build.build.stages import BuildError
+    from pi_build.model.checkpoints import CheckpointError
+    from pi_build.backends.onnx import OnnxExportError, OnnxMismatchError
+    from pi_build.recipe import RecipeError
+    from pi_build.backends.tensorrt import BackendUnavailable
 
     return (BuildError, CheckpointError, RecipeError, artifacts.ArtifactError, BackendUnavailable,
             OnnxExportError, OnnxMismatchError, FileNotFoundError)
@@ -205,9 +205,9 @@ def checkpoint(
 
     import torch
 
-    from pi_build.checkpoints import make_random_checkpoint
-    from pi_build.preprocessing import random_libero_norm_stats
-    from pi_build.tokenizer import train_tiny_tokenizer
+    from pi_build.model.checkpoints import make_random_checkpoint
+    from pi_build.transforms.libero import random_libero_norm_stats
+    from pi_build.model.tokenizer import train_tiny_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = train_tiny_tokenizer(Path(tmp) / "tokenizer.model")

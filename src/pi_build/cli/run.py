@@ -35,7 +35,7 @@ def _model_level_inputs(arrays: dict[str, np.ndarray], cfg, path: Path):
     """Check and convert the model-level keys; errors name the key, the shape and the file."""
     import torch
 
-    from pi_build.model import ModelInputs
+    from pi_build.model.pi0 import ModelInputs
 
     unknown = set(arrays) - MODEL_LEVEL_KEYS
     if unknown:
@@ -93,7 +93,7 @@ def predict(
     """
     import torch
 
-    from pi_build.checkpoints import load_checkpoint
+    from pi_build.model.checkpoints import load_checkpoint
 
     if dtype not in ("float32", "bfloat16"):
         raise typer.BadParameter(f"--dtype must be float32 or bfloat16, got {dtype!r}")
@@ -102,7 +102,7 @@ def predict(
     model, info = load_checkpoint(checkpoint, dtype=getattr(torch, dtype), device=device)
     cfg = model.cfg
     if raw:
-        from pi_build.runtime import load_transforms
+        from pi_build.runtime.pipeline import load_transforms
 
         obs = {k: (str(v) if k == "prompt" else v) for k, v in arrays.items()}
         transforms = load_transforms(info.path, cfg)
@@ -143,7 +143,7 @@ def bench(
     reference: Annotated[bool, typer.Option("--reference/--no-reference", help="time the eager reference too")] = True,
 ) -> None:
     """Per-component latency of the engines at each step count, next to the eager reference and the roofline."""
-    from pi_build import bench as bench_mod
+    from pi_build.runtime import bench as bench_mod
 
     results = bench_mod.run_bench(recipe, engines, [int(s) for s in steps.split(",")], iters=iters, warmup=warmup,
                                   graphs=graphs, reference=reference, log=console.print)
@@ -163,10 +163,10 @@ def _policy(recipe: Path | None, engines: Path | None, model_id: str | None, ste
     import torch
 
     from pi_build import artifacts
-    from pi_build.runtime import load_policy
+    from pi_build.runtime.pipeline import load_policy
 
     if recipe is not None:
-        from pi_build.recipes import load_recipe
+        from pi_build.recipe import load_recipe
 
         r = load_recipe(recipe)
         model_id = model_id or r.name
@@ -202,7 +202,7 @@ def libero(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from pi_build.envs import libero as env
-    from pi_build.runtime import latency_stats
+    from pi_build.runtime.pipeline import latency_stats
 
     env.setup_libero(assets)
     task_ids = [int(t) for t in tasks.split(",")] if tasks else None
@@ -254,7 +254,7 @@ def serve(
     device: Annotated[str, typer.Option("--device")] = "auto",
 ) -> None:
     """A websocket policy server speaking openpi's protocol (openpi-client works unchanged)."""
-    from pi_build import serve as server
+    from pi_build.runtime import serve as server
 
     policy = _policy(recipe, engines, model_id, steps, device)
     p = policy.pipeline

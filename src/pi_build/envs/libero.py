@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pi_build.preprocessing import libero_camera_image
+from pi_build.transforms.libero import libero_camera_image
 
 # Step budget per suite (policy-driven steps, wait steps not counted): openpi's values, a little
 # above the longest training demonstration of each suite.

@@ -23,11 +23,12 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from pi_build import accuracy, artifacts, backends
-from pi_build.components import COMPONENTS, Shapes, build_component, compute_dtype, euler_times, reference_outputs
-from pi_build.model import PiModel, config_to_dict
-from pi_build.preprocessing import select_cameras
-from pi_build.recipes import Recipe, recipe_hash
+from pi_build import artifacts, backends
+from pi_build.engine import accuracy
+from pi_build.engine.components import COMPONENTS, Shapes, build_component, compute_dtype, euler_times, reference_outputs
+from pi_build.model.pi0 import PiModel, config_to_dict
+from pi_build.transforms.libero import select_cameras
+from pi_build.recipe import Recipe, recipe_hash
 
 Log = Callable[[str], None]
 
@@ -66,7 +67,7 @@ def resolve_device(name: str) -> torch.device:
 
 def open_context(recipe: Recipe, engines: Path, log: Log = print) -> BuildContext:
     """Load the recipe's checkpoint as the float32 reference on the build device."""
-    from pi_build.checkpoints import load_checkpoint
+    from pi_build.model.checkpoints import load_checkpoint
 
     device = resolve_device(recipe.model.device)
     # config_name makes the loader check every tensor against the recipe's preset
@@ -140,14 +141,14 @@ def component_module(ctx: BuildContext, component: str, *, scales: dict | None =
     The denoise step compiled by Inductor on a GPU uses pi-build's Triton kernels (kernels.py) for
     its few-token GEMMs and attention; returns the module and what was switched (None: nothing).
     """
-    from pi_build import kernels
+    from pi_build.engine import kernels
 
     spec = ctx.recipe.component(component)
     module = build_component(ctx.model, component, ctx.shapes, spec.precision)
     if spec.precision == "fp8":
         if scales is None:
             raise BuildError(f"{component} is fp8 but has no calibrated scales: run `pi-build quantize` first")
-        from pi_build.fp8 import apply_fp8
+        from pi_build.engine.fp8 import apply_fp8
 
         module = apply_fp8(module, scales)
     switched = None
@@ -175,7 +176,7 @@ def gate_module(ctx: BuildContext, component: str, run: Callable[..., tuple[Tens
 
 def stage_export(ctx: BuildContext, component: str) -> Path:
     """ONNX of the component in float32 (the graph TensorRT gets), verified in onnxruntime."""
-    from pi_build import onnx_export
+    from pi_build.backends import onnx as onnx_export
 
     t0 = time.perf_counter()
     module = build_component(ctx.model, component, ctx.shapes, "fp32").cpu()
@@ -202,7 +203,7 @@ def calibration_batches(ctx: BuildContext, component: str, samples: int) -> list
     if source == "generated":
         probe = build_component(ctx.model, component, ctx.shapes, "fp32")
         return [_fresh_inputs(probe, 1000 + i, ctx.device) for i in range(samples)]
-    from pi_build.runtime import observation_batches
+    from pi_build.runtime.pipeline import observation_batches
 
     batches = []
     for inputs in observation_batches(ctx, source, samples):
@@ -236,7 +237,7 @@ def component_inputs_from_observation(ctx: BuildContext, component: str, inputs)
 
 def stage_quantize(ctx: BuildContext, component: str) -> Path:
     """FP8 calibration of the component's linears (bf16 module), scales written as their own artifact."""
-    from pi_build import fp8
+    from pi_build.engine import fp8
 
     t0 = time.perf_counter()
     q = ctx.recipe.quantize
@@ -262,7 +263,7 @@ def stage_quantize(ctx: BuildContext, component: str) -> Path:
 
 
 def _latest_scales(ctx: BuildContext, component: str) -> tuple[dict, dict]:
-    from pi_build import fp8
+    from pi_build.engine import fp8
 
     path = artifacts.latest_artifact(ctx.engines, ctx.recipe.name, f"{component}-fp8-scales")
     if path is None:
@@ -310,7 +311,7 @@ def stage_compile(ctx: BuildContext, component: str) -> Path:
 
 def stage_capture(ctx: BuildContext) -> Path:
     """Assemble the newest engines, capture CUDA graphs (GPU), check actions end to end, record it."""
-    from pi_build import runtime
+    from pi_build.runtime import pipeline as runtime
 
     t0 = time.perf_counter()
     pipeline = runtime.load_pipeline(ctx.engines, ctx.recipe.name, ctx.device, steps=ctx.recipe.denoise.steps)

@@ -40,9 +40,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pi_build.model import Config, ModelInputs
-from pi_build.recipes import CAMERAS  # model cameras, in the order the model reads them
-from pi_build.tokenizer import PromptTokenizer
+from pi_build.model.pi0 import Config, ModelInputs
+from pi_build.recipe import CAMERAS  # model cameras, in the order the model reads them
+from pi_build.model.tokenizer import PromptTokenizer
 
 # openpi's LIBERO observation keys (the websocket request), and which camera each image feeds.
 LIBERO_CAMERA_KEYS = {"base_0_rgb": "observation/image", "left_wrist_0_rgb": "observation/wrist_image"}

@@ -107,7 +107,7 @@ def check_onnx_for_tensorrt(onnx_path: Path, precision: str) -> dict:
 
     Needs only onnx, so these errors show up on machines without TensorRT too.
     """
-    from pi_build.onnx_export import describe_onnx
+    from pi_build.backends.onnx import describe_onnx
 
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
@@ -275,7 +275,7 @@ def _io_file(plan_path: Path) -> Path:
 def compile_component(module: nn.Module, example_inputs: tuple[Tensor, ...], out_dir: Path) -> Path:
     """Export ``module`` to ONNX (in a temporary folder), clean it, and build ``out_dir/engine.plan``
     at ``module.precision``; ``engine.io.json`` beside it records the input and output names."""
-    from pi_build.onnx_export import clean_onnx, export_onnx
+    from pi_build.backends.onnx import clean_onnx, export_onnx
 
     ok, why = tensorrt_available()  # fail before a long export
     if not ok:

@@ -43,7 +43,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from pi_build.artifacts import file_sha256
-from pi_build.model import CONFIGS, IMAGE_SIZE, Config, GemmaConfig, PiModel, SiglipConfig, build_model, get_config
+from pi_build.model.pi0 import CONFIGS, IMAGE_SIZE, Config, GemmaConfig, PiModel, SiglipConfig, build_model, get_config
 
 Layout = Literal["openpi", "lerobot"]
 

@@ -119,7 +119,7 @@ def compile_engine(module: nn.Module, example_inputs: tuple[Tensor, ...], backen
         torch.export.save(export_program(module, example_inputs), str(out_dir / PROGRAM_FILE))
         return {"files": [PROGRAM_FILE], "runner": "eager"}
     if backend == "tensorrt":
-        from pi_build import tensorrt_backend
+        from pi_build.backends import tensorrt as tensorrt_backend
 
         tensorrt_backend.compile_component(module, example_inputs, out_dir)
         return {"files": sorted(p.name for p in out_dir.iterdir() if p.is_file()), "runner": "tensorrt"}
@@ -132,7 +132,7 @@ def load_engine(folder: Path, runner: str, device: torch.device) -> Engine:
         package = torch._inductor.aoti_load_package(str(folder / AOTI_FILE))
         return lambda *inputs: _as_tuple(package(*inputs))
     if runner in ("torch.compile", "eager"):
-        from pi_build import kernels  # noqa: F401  registers the custom ops a program may call
+        from pi_build.engine import kernels  # noqa: F401  registers the custom ops a program may call
 
         module = torch.export.load(str(folder / PROGRAM_FILE)).module().to(device)
         if runner == "torch.compile":
@@ -142,7 +142,7 @@ def load_engine(folder: Path, runner: str, device: torch.device) -> Engine:
             module = torch.compile(module, options=_inductor_options(device.type == "cuda"))
         return lambda *inputs: _as_tuple(module(*inputs))
     if runner == "tensorrt":
-        from pi_build import tensorrt_backend
+        from pi_build.backends import tensorrt as tensorrt_backend
 
         engine = tensorrt_backend.load_component(folder / tensorrt_backend.ENGINE_FILE, device)
         return lambda *inputs: _as_tuple(engine(*inputs))

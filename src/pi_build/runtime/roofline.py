@@ -12,8 +12,8 @@ import time
 
 import torch
 
-from pi_build.components import Shapes
-from pi_build.model import Config
+from pi_build.engine.components import Shapes
+from pi_build.model.pi0 import Config
 
 BYTES = {"fp32": 4, "bf16": 2, "fp8": 1}
 

@@ -22,10 +22,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pi_build import accuracy, artifacts, backends
-from pi_build.components import COMPONENTS, denoise_loop
-from pi_build.model import ModelInputs
-from pi_build.preprocessing import select_cameras
+from pi_build import artifacts, backends
+from pi_build.engine import accuracy
+from pi_build.engine.components import COMPONENTS, denoise_loop
+from pi_build.model.pi0 import ModelInputs
+from pi_build.transforms.libero import select_cameras
 
 INPUT_NAMES = ("images", "image_masks", "tokens", "token_masks", "noise", "state")
 
@@ -261,9 +262,9 @@ def load_observations(source: str) -> list[dict]:
 
 def load_transforms(checkpoint: Path, cfg):
     """The observation transforms of a checkpoint: its tokenizer and norm stats (LIBERO mapping)."""
-    from pi_build.checkpoints import TOKENIZER_FILE, read_assets
-    from pi_build.preprocessing import PolicyTransforms, norm_stats_from_dict
-    from pi_build.tokenizer import PromptTokenizer
+    from pi_build.model.checkpoints import TOKENIZER_FILE, read_assets
+    from pi_build.transforms.libero import PolicyTransforms, norm_stats_from_dict
+    from pi_build.model.tokenizer import PromptTokenizer
 
     tokenizer_path, stats = read_assets(checkpoint)
     if stats is None:
@@ -278,7 +279,7 @@ def load_transforms(checkpoint: Path, cfg):
 @torch.no_grad()
 def end_to_end_check(ctx, pipeline: Pipeline, gate, samples: int = 4) -> dict[str, Any]:
     """The assembled pipeline's actions against the float32 reference's on recorded observations."""
-    from pi_build.build import check_gate
+    from pi_build.build.stages import check_gate
 
     draws = []
     source = "recorded"
@@ -333,7 +334,7 @@ class Policy:
 def load_policy(engines: Path, model_id: str, device: torch.device | str, *, steps: int | None = None,
                 checkpoint: Path | None = None, graphs: bool = True, seed: int = 0) -> Policy:
     """Engines + the observation transforms of the checkpoint they were built from (or ``checkpoint``)."""
-    from pi_build.model import config_from_dict
+    from pi_build.model.pi0 import config_from_dict
 
     pipeline = load_pipeline(engines, model_id, device, steps=steps)
     if graphs and pipeline.device.type == "cuda":

@@ -357,7 +357,7 @@ def _parse(data: dict[str, Any], origin: _Origin, path: Path | None) -> Recipe:
 def _parse_model(t: _Table) -> ModelSpec:
     config = t.get("config", None)
     if config is not None:
-        from pi_build.model import CONFIGS  # here, not at the top: importing the model imports torch
+        from pi_build.model.pi0 import CONFIGS  # here, not at the top: importing the model imports torch
 
         if config not in CONFIGS:
             raise t.error("config", f"{config!r} is not one of {', '.join(CONFIGS)}")

@@ -14,11 +14,12 @@ from typing import Any, Callable
 
 import torch
 
-from pi_build import artifacts, roofline
-from pi_build.components import COMPONENTS, Shapes
-from pi_build.model import ModelInputs, PiModel, config_from_dict
-from pi_build.recipes import CAMERAS
-from pi_build.runtime import Pipeline, latency_stats, load_pipeline, measure_latency
+from pi_build import artifacts
+from pi_build.runtime import roofline
+from pi_build.engine.components import COMPONENTS, Shapes
+from pi_build.model.pi0 import ModelInputs, PiModel, config_from_dict
+from pi_build.recipe import CAMERAS
+from pi_build.runtime.pipeline import Pipeline, latency_stats, load_pipeline, measure_latency
 
 ROWS = ("vision", "kvcache", "denoise", "denoise_per_step", "end_to_end")
 
@@ -81,12 +82,12 @@ def _with_per_step(stats: dict[str, dict], steps: int) -> dict[str, dict]:
 
 def run_bench(recipe_path: Path, engines: Path | None, step_counts: list[int], *, iters: int, warmup: int,
               graphs: bool, reference: bool, log: Callable[[str], None] = print) -> dict[str, Any]:
-    from pi_build.checkpoints import load_checkpoint
-    from pi_build.recipes import load_recipe
+    from pi_build.model.checkpoints import load_checkpoint
+    from pi_build.recipe import load_recipe
 
     recipe = load_recipe(recipe_path)
     folder = artifacts.engines_dir(engines)
-    from pi_build.build import resolve_device
+    from pi_build.build.stages import resolve_device
 
     device = resolve_device(recipe.model.device)
     log(f"measuring GEMM rate and bandwidth on {artifacts.device_info(device).get('name')}")

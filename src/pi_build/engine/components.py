@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pi_build.model import KVCache, PiModel, RMSNorm, sincos_time_embedding, suffix_ar_flags
+from pi_build.model.pi0 import KVCache, PiModel, RMSNorm, sincos_time_embedding, suffix_ar_flags
 
 COMPONENTS = ("vision", "kvcache", "denoise")
 PRECISIONS = ("fp32", "bf16", "fp8")  # fp8: see compute_dtype; linears become FP8 after calibration
@@ -332,7 +332,7 @@ class DenoiseComponent(nn.Module):
         For CUDA builds: the step's few tokens make library GEMMs and attention kernels slow there.
         Returns what was switched, for the manifest.
         """
-        from pi_build import kernels
+        from pi_build.engine import kernels
 
         rows = self.spec.batch * self.ar_flags.shape[0]
         names = [f"layers.{i}.{p}" for i in range(len(self.layers)) for p in ("qkv", "o", "gate_up", "down")]
@@ -420,7 +420,7 @@ class DenoiseComponent(nn.Module):
     def _triton_attention(self, block: _GemmaBlock, h: Tensor, k_cache: Tensor, v_cache: Tensor, mask: Tensor,
                           rope: tuple[Tensor, Tensor]) -> Tensor:
         """The same attention through kernels.few_query_attention: token-major layouts, no K/V concatenation."""
-        from pi_build import kernels
+        from pi_build.engine import kernels
 
         head_dim = self.cfg.expert.head_dim
         qkv = block.qkv(h).unflatten(-1, (-1, head_dim))  # [B, T, Hq + 2, D]: the q heads, k, v
