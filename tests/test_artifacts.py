@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from pi_build import artifacts
+from pi_build.artifacts import store
 from pi_build.artifacts import (
     Artifact,
     ArtifactError,
@@ -168,6 +169,37 @@ def test_load_refuses_incomplete_or_unreadable_manifests(tmp_path, engines):
         load_artifact(path)
 
 
+def test_edited_manifest_is_refused_naming_it(tmp_path, engines):
+    """The manifest's own sha256 covers it: an edit (here, a looser gate) is caught at load, not only at run time."""
+    path = write_artifact(engines, "m", "vision", make_files(tmp_path, {"e.bin": 8}), {"accuracy": {"cosine": 0.9}})
+    manifest = path / "manifest.json"
+    data = json.loads(manifest.read_text())
+    assert data["manifest_sha256"] == artifacts.manifest.manifest_hash(data)
+    data["accuracy"]["cosine"] = 0.99999
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match="edited after the build"):
+        load_artifact(path)
+
+
+def test_older_format_is_refused_with_the_rebuild_command(tmp_path, engines):
+    path = write_artifact(engines, "m", "kvcache", make_files(tmp_path, {"e.bin": 8}), {})
+    manifest = path / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["format_version"] = 1
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match=r"older pi-build .*`pi-build kvcache --recipe"):
+        load_artifact(path)
+    problems: list[str] = []
+    assert list_artifacts(engines, problems) == [] and "older pi-build" in problems[0]
+
+
+def test_artifact_ids_as_list_prints_them():
+    assert artifacts.parse_id("tiny/vision/v12") == ("tiny", "vision", "v12")
+    for bad in ("tiny/vision", "tiny/vision/12", "a/b/c/v1"):
+        with pytest.raises(ArtifactError, match="not an artifact id"):
+            artifacts.parse_id(bad)
+
+
 def test_bad_arguments_are_refused_before_writing(tmp_path, engines):
     files = make_files(tmp_path, {"e.bin": 8})
     with pytest.raises(ArtifactError, match="unknown component 'prefix'"):
@@ -192,7 +224,7 @@ def test_bad_arguments_are_refused_before_writing(tmp_path, engines):
 
 def test_failing_copy_leaves_nothing(tmp_path, engines, monkeypatch):
     files = make_files(tmp_path, {"a.bin": 1000, "b.bin": 1000, "c.bin": 10})
-    real_copy, calls = artifacts._copy_and_hash, []
+    real_copy, calls = store._copy_and_hash, []
 
     def copy_then_fail(source, dest):
         calls.append(source.name)
@@ -201,7 +233,7 @@ def test_failing_copy_leaves_nothing(tmp_path, engines, monkeypatch):
             raise OSError(28, "No space left on device")
         return real_copy(source, dest)
 
-    monkeypatch.setattr(artifacts, "_copy_and_hash", copy_then_fail)
+    monkeypatch.setattr(store, "_copy_and_hash", copy_then_fail)
     with pytest.raises(OSError, match="No space"):
         write_artifact(engines, "m", "vision", files, {})
     assert calls == ["a.bin", "b.bin"]
@@ -217,7 +249,7 @@ def test_failing_manifest_write_leaves_nothing(tmp_path, engines, monkeypatch):
         path.write_text(json.dumps(data)[:20])
         raise KeyboardInterrupt  # even an interrupt cleans up
 
-    monkeypatch.setattr(artifacts, "_write_json", write_half_then_fail)
+    monkeypatch.setattr(store, "_write_json", write_half_then_fail)
     with pytest.raises(KeyboardInterrupt):
         write_artifact(engines, "m", "vision", files, {})
     assert visible(engines / "m" / "vision") == ["v1"]
@@ -244,12 +276,12 @@ def test_race_for_a_version_takes_the_next(tmp_path, engines, monkeypatch):
     def rename_after_another_writer(src, dst):
         if not raced:  # another process finishes its v1 just before our rename
             raced.append(dst)
-            monkeypatch.setattr(artifacts.os, "rename", real_rename)
+            monkeypatch.setattr(store.os, "rename", real_rename)
             write_artifact(engines, "m", "vision", other, {"by": "other"})
-            monkeypatch.setattr(artifacts.os, "rename", rename_after_another_writer)
+            monkeypatch.setattr(store.os, "rename", rename_after_another_writer)
         return real_rename(src, dst)
 
-    monkeypatch.setattr(artifacts.os, "rename", rename_after_another_writer)
+    monkeypatch.setattr(store.os, "rename", rename_after_another_writer)
     ours = write_artifact(engines, "m", "vision", files, {"by": "us"})
     assert raced == [engines / "m" / "vision" / "v1"]
     assert ours.name == "v2" and load_artifact(ours).manifest["version"] == "v2"

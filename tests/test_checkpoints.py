@@ -12,17 +12,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from pi_build.model import checkpoints
 from pi_build.model.checkpoints import (
-    EMBED_KEY,
-    EXPERT_LM_HEAD_KEY,
-    LM_HEAD_KEY,
     CheckpointError,
     infer_config,
     load_checkpoint,
     make_random_checkpoint,
     save_checkpoint,
 )
+from pi_build.model.checkpoints import save as checkpoints
+from pi_build.model.checkpoints.layout import EMBED_KEY, EXPERT_LM_HEAD_KEY, LM_HEAD_KEY
 from pi_build.model.pi0 import CONFIGS, GemmaConfig, ModelInputs, PiModel, SiglipConfig, build_model, get_config
 
 HORIZON = 7  # not any preset's horizon, so it must come from config.json

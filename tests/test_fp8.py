@@ -300,7 +300,8 @@ def linears_called(module: nn.Module, inputs: tuple) -> set[str]:
 @pytest.mark.filterwarnings("ignore:these linear layers never ran")
 @pytest.mark.parametrize("config", ["pi05_tiny", "pi0_tiny"])
 def test_fp8_components_of_the_tiny_model(config):
-    from pi_build.engine.components import Shapes, build_components
+    from pi_build.engine import build_components
+    from pi_build.engine.layers import Shapes
     from pi_build.model.pi0 import build_model, get_config
 
     model = build_model(get_config(config).replace(action_horizon=10), seed=0)

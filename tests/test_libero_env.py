@@ -90,7 +90,9 @@ def test_setup_points_libero_at_the_assets_and_its_task_files():
 
 
 def test_recorded_observations_are_libero_requests():
-    observations = libero.load_recorded_observations()
+    from pi_build.transforms.libero import load_recorded_observations
+
+    observations = load_recorded_observations()
     assert len(observations) == 8
     for obs in observations:
         assert REQUEST_KEYS | {"suite", "task_id"} == set(obs)

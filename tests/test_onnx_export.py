@@ -17,13 +17,14 @@ pytest.importorskip("onnxscript", reason="the dynamo ONNX exporter needs onnxscr
 
 from onnx import TensorProto, helper  # noqa: E402
 
-from pi_build.engine.components import Shapes, build_components  # noqa: E402
+from pi_build.engine import build_components  # noqa: E402
+from pi_build.engine.accuracy import metrics as compare_arrays  # noqa: E402
+from pi_build.engine.layers import Shapes  # noqa: E402
+from pi_build.errors import OnnxExportError, OnnxMismatchError  # noqa: E402
+from pi_build.spec import Gate  # noqa: E402
 from pi_build.model.pi0 import build_model  # noqa: E402
 from pi_build.backends.onnx import (  # noqa: E402
-    OnnxExportError,
-    OnnxMismatchError,
     clean_onnx,
-    compare_arrays,
     describe_onnx,
     export_onnx,
     verify_onnx,
@@ -135,10 +136,10 @@ def test_gate_fails_when_module_and_graph_disagree(tmp_path):
     path = export_component(toy, tmp_path / "toy.onnx")
     with torch.no_grad():  # the graph keeps the old weights; the module moves on
         toy.proj.bias.add_(0.05 * torch.randn(8, generator=torch.Generator().manual_seed(5)))
-    with pytest.raises(OnnxMismatchError, match=r"output 'y' \(draw 0\): rel_err .* > 0.0001"):
+    with pytest.raises(OnnxMismatchError, match=r"output 'y' \(draw 0\): accuracy gate failed: .* rel_err .* \(needs <= 0.0001\)"):
         verify_onnx(path, toy, generator=torch.Generator().manual_seed(1))
     # The same disagreement passes a gate loose enough for it.
-    report = verify_onnx(path, toy, generator=torch.Generator().manual_seed(1), max_rel_err=1.0, min_cosine=0.0)
+    report = verify_onnx(path, toy, generator=torch.Generator().manual_seed(1), gate=Gate(cosine=1e-9, rel_err=1.0))
     assert 1e-4 < report["outputs"]["y"]["rel_err"] < 1.0
 
 

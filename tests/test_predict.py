@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 from pi_build.model.checkpoints import load_checkpoint
 from pi_build.cli.build import app as build_app
 from pi_build.cli.run import app as run_app
-from pi_build.envs.libero import load_recorded_observations
+from pi_build.transforms.libero import load_recorded_observations
 from pi_build.model.pi0 import ModelInputs
 
 runner = CliRunner()

@@ -514,10 +514,12 @@ def test_sigint_stops_the_server_cleanly():
 
 def test_serves_the_real_policy_over_built_engines(workspace):
     """The runtime's Policy over the tiny engines behind the server: LIBERO actions come back."""
-    from pi_build.envs.libero import load_recorded_observations
-    from pi_build.runtime.pipeline import load_policy
+    from pi_build.recipe import load_recipe
+    from pi_build.runtime.pipeline import load_pipeline
+    from pi_build.runtime.policy import load_policy
+    from pi_build.transforms.libero import load_recorded_observations
 
-    policy = load_policy(workspace["engines"], "t", "cpu")
+    policy = load_policy(load_pipeline(workspace["engines"], load_recipe(workspace["recipe"]), "cpu"))
     observations = load_recorded_observations()[:2]
     with running_server(policy) as port, connect(port) as (conn, metadata):
         assert set(metadata) == set(METADATA)
@@ -530,7 +532,7 @@ def test_serves_the_real_policy_over_built_engines(workspace):
 
 def test_pi_run_serve_cli_answers_health_and_requests(workspace):
     """`pi-run serve` as users start it: a process on loopback, /healthz, one LIBERO request, Ctrl-C."""
-    from pi_build.envs.libero import load_recorded_observations
+    from pi_build.transforms.libero import load_recorded_observations
 
     port = free_port()
     cmd = [sys.executable, "-m", "pi_build.cli.run", "serve", "--recipe", str(workspace["recipe"]),
@@ -550,7 +552,7 @@ def test_pi_run_serve_cli_answers_health_and_requests(workspace):
         obs = load_recorded_observations()[0]
         request = {k: obs[k] for k in ("observation/image", "observation/wrist_image", "observation/state", "prompt")}
         with connect(port) as (conn, metadata):
-            assert metadata["model_id"] == "t" and metadata["horizon"] == 10
+            assert metadata["model_id"] == "t" and metadata["horizon"] == 10 and metadata["steps"] == 2
             reply = infer(conn, request)
         assert reply["actions"].shape == (10, 7)
     finally:

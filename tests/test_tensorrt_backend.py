@@ -13,9 +13,12 @@ onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper  # noqa: E402
 
 from pi_build.backends import tensorrt as trtb  # noqa: E402
-from pi_build.engine.components import Shapes, build_components  # noqa: E402
+from pi_build.errors import BackendUnavailable  # noqa: E402
+from pi_build.engine import build_components
+from pi_build.engine.layers import Shapes  # noqa: E402
 from pi_build.model.pi0 import build_model  # noqa: E402
-from pi_build.backends.onnx import compare_arrays, describe_onnx  # noqa: E402
+from pi_build.backends.onnx import describe_onnx  # noqa: E402
+from pi_build.engine.accuracy import metrics as compare_arrays  # noqa: E402
 
 TRT_OK, TRT_WHY = trtb.tensorrt_available()
 needs_tensorrt = pytest.mark.skipif(not TRT_OK, reason=TRT_WHY)
@@ -57,7 +60,7 @@ def test_tensorrt_missing_says_what_to_install(no_tensorrt):
 def test_build_engine_without_tensorrt_raises_backend_unavailable(no_tensorrt, tmp_path):
     onnx_path = fp32_matmul_graph(tmp_path / "mm.onnx")
     out = tmp_path / "mm.plan"
-    with pytest.raises(trtb.BackendUnavailable, match="pip install tensorrt"):
+    with pytest.raises(BackendUnavailable, match="pip install tensorrt"):
         trtb.build_engine(onnx_path, out, precision="fp16", workspace_gb=1)
     assert not out.exists()
 
@@ -65,10 +68,10 @@ def test_build_engine_without_tensorrt_raises_backend_unavailable(no_tensorrt, t
 def test_runner_and_backend_api_without_tensorrt(no_tensorrt, tmp_path):
     plan = tmp_path / "engine.plan"
     plan.write_bytes(b"not an engine")
-    with pytest.raises(trtb.BackendUnavailable, match="TensorRT is not installed"):
+    with pytest.raises(BackendUnavailable, match="TensorRT is not installed"):
         trtb.TensorRTEngine(plan, "cuda")
     module = nn.Linear(4, 4)
-    with pytest.raises(trtb.BackendUnavailable, match="pip install tensorrt"):
+    with pytest.raises(BackendUnavailable, match="pip install tensorrt"):
         trtb.compile_component(module, (torch.randn(1, 4),), tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

@@ -39,7 +39,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     safetensors...); renamed to ``path`` when the block ends without an exception, deleted otherwise."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # The temporary name keeps the suffix: some writers (imageio) pick the format by it.
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
     os.close(fd)
     tmp = Path(name)
     try:
@@ -78,8 +79,10 @@ def read_json(path: str | os.PathLike, error: type[Exception] = ValueError) -> d
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise error(f"{path} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise error(f"{path}: not readable JSON ({e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise error(f"{path} cannot be read ({e})") from None
     if not isinstance(data, dict):
         raise error(f"{path}: expected a JSON object, found {type(data).__name__}")
     return data
@@ -125,6 +128,25 @@ def atomic_dir(final: str | os.PathLike, *, replace: bool = False) -> Iterator[P
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     fsync_dir(final.parent)
+
+
+@contextlib.contextmanager
+def atomic_files(path: str | os.PathLike) -> Iterator[Path]:
+    """A hidden staging folder for a writer that puts ``path`` and companion files beside it (an
+    ONNX model and its external weights). When the block ends, each file written there moves into
+    ``path``'s folder, ``path`` itself last: once it exists, its companions are in place. On an
+    exception nothing moves and the staging folder is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.staging-"))
+    try:
+        yield staging
+        main = staging / path.name
+        for file in sorted(staging.iterdir(), key=lambda f: f == main):
+            os.replace(file, path.parent / file.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    fsync_dir(path.parent)
 
 
 def move_dir_into_place(tmp: Path, final: Path) -> None:

@@ -1,4 +1,4 @@
-"""Recipes: what a build is made from, read from a TOML file.
+"""Recipes: what a build is made from, read from a TOML file and validated with pydantic.
 
 A recipe names the model (``name`` is the model id under ``engines/``), the checkpoint and the
 fixed shapes the engines are built for, then how each of the three components is built and the
@@ -22,7 +22,7 @@ Fields, with the defaults used when a field (or its whole section) is left out. 
 |---|---|---|
 | name | required | model id: the folder under engines/ (letters, digits, '.', '_', '-') |
 | model.checkpoint | required | checkpoint folder; a relative path resolves against the current directory, and is checked only when a stage needs it (``Recipe.checkpoint_path``) |
-| model.config | none | a name from ``pi_build.model.CONFIGS``; none = infer from the checkpoint |
+| model.config | none | a name from ``pi_build.model.pi0.CONFIGS``; none = infer from the checkpoint |
 | model.cameras | required | cameras fed to the model, a subset of base_0_rgb, left_wrist_0_rgb, right_wrist_0_rgb in that (trained) order |
 | model.masked_cameras | [] | cameras present in observations but always masked: dropped from the engines, which is exact |
 | model.prompt_len | required | token count the prompt is padded to |
@@ -40,106 +40,178 @@ Fields, with the defaults used when a field (or its whole section) is left out. 
 
 Command-line overrides are dotted keys (``{"denoise.steps": 3, "model.batch": 2}``), applied to
 the file's contents before validation, so they get the same checks and errors name the key.
+
+Which recipe a command uses when ``--recipe`` is not given (``find_recipe``): the environment
+variable ``PI_BUILD_RECIPE``, else the ``recipe`` key of a ``pi-build.toml`` in the current folder.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
-import hashlib
-import json
-import re
-from dataclasses import dataclass, field
+import enum
+import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+import pydantic
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr
+
+from pi_build.errors import RecipeError
+from pi_build.io import sha256_json
+from pi_build.spec import CAMERAS, Backend, Camera, Component, Device, Gate, Precision
 
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-CAMERAS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")  # the order the models were trained with
-COMPONENTS = ("vision", "kvcache", "denoise")
-BACKENDS = ("inductor", "tensorrt", "eager")
-PRECISIONS = ("fp32", "bf16", "fp8")  # most precise first
-DEVICES = ("auto", "cuda", "cpu")
 CALIBRATIONS = ("recorded", "generated")  # anything else must be a path to an .npz file
-# fnmatch patterns over the components' linear layer names (pi_build.components): the small
-# float32 action/state/time projections of the denoise loop.
+# fnmatch patterns over the components' linear layer names (pi_build.engine): the small float32
+# action/state/time projections of the denoise loop.
 KEEP_HIGH_PRECISION = ("action_in", "action_out", "action_time_*", "state_in")
+RECIPE_ENV = "PI_BUILD_RECIPE"
+PROJECT_FILE = "pi-build.toml"  # names the default recipe of a working folder: recipe = "recipes/x.toml"
 
 
-class RecipeError(ValueError):
-    """A recipe that cannot be used; the message names the file (or override) and the field."""
+# ----------------------------------------------------------------------------- field types
+
+
+def _integer(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected an integer, got {value!r}")
+    return value
+
+
+def _at_least_one(value: int) -> int:
+    if value < 1:
+        raise ValueError(f"must be >= 1, got {value}")
+    return value
+
+
+def _number(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"expected a number, got {value!r}")
+    return float(value)
+
+
+def _names(value: Any) -> Any:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"expected a list of non-empty strings, got {value!r}")
+    return tuple(value)
+
+
+def _camera_list(value: Any) -> Any:
+    value = _names(value)
+    for camera in value:
+        if camera not in CAMERAS:
+            raise ValueError(f"{camera!r} is not one of {', '.join(CAMERAS)}")
+    if len(set(value)) != len(value):
+        raise ValueError(f"lists a camera twice: {list(value)}")
+    # Image tokens enter the prefix in this order; the checkpoints were trained with CAMERAS' order.
+    if list(value) != sorted(value, key=list(CAMERAS).index):
+        raise ValueError(f"{list(value)} must follow the model's camera order {', '.join(CAMERAS)}")
+    return value
+
+
+def _choice(enum: type) -> Any:
+    def check(value: Any) -> Any:
+        if value not in [e.value for e in enum]:
+            raise ValueError(f"{value!r} is not one of {', '.join(e.value for e in enum)}")
+        return value
+
+    return BeforeValidator(check)
+
+
+Count = Annotated[int, BeforeValidator(_integer), AfterValidator(_at_least_one)]
+Text = Annotated[str, Field(min_length=1)]
+Cameras = Annotated[tuple[Camera, ...], BeforeValidator(_camera_list)]
+Names = Annotated[tuple[str, ...], BeforeValidator(_names)]
 
 
 # ----------------------------------------------------------------------------- the recipe
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    checkpoint: str
-    cameras: tuple[str, ...]
-    prompt_len: int
-    horizon: int
-    config: str | None = None
-    masked_cameras: tuple[str, ...] = ()
-    batch: int = 1
-    device: str = "auto"
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
 
 
-@dataclass(frozen=True)
-class ComponentSpec:
-    backend: str = "inductor"
-    precision: str = "bf16"
+class ModelSpec(_Section):
+    checkpoint: Text
+    cameras: Cameras
+    prompt_len: Count
+    horizon: Count
+    config: Text | None = None
+    masked_cameras: Annotated[tuple[Camera, ...], BeforeValidator(_camera_list)] = ()
+    batch: Count = 1
+    device: Annotated[Device, _choice(Device)] = Device.AUTO
+
+    @pydantic.field_validator("cameras")
+    @classmethod
+    def _not_empty(cls, value: tuple[Camera, ...]) -> tuple[Camera, ...]:
+        if not value:
+            raise ValueError("needs at least one camera")
+        return value
 
 
-@dataclass(frozen=True)
+class ComponentSpec(_Section):
+    backend: Annotated[Backend, _choice(Backend)] = Backend.INDUCTOR
+    precision: Annotated[Precision, _choice(Precision)] = Precision.BF16
+
+
 class DenoiseSpec(ComponentSpec):
-    steps: int = 10
+    steps: Count = 10
 
 
-@dataclass(frozen=True)
-class QuantizeSpec:
-    calibration: str = "generated"
-    samples: int = 16
-    keep_high_precision: tuple[str, ...] = KEEP_HIGH_PRECISION
+class QuantizeSpec(_Section):
+    calibration: Text = "generated"
+    samples: Count = 16
+    keep_high_precision: Names = KEEP_HIGH_PRECISION
 
-
-@dataclass(frozen=True)
-class Gate:
-    """Minimum cosine similarity and maximum relative error (||x - ref|| / ||ref||) against the reference."""
-
-    cosine: float
-    rel_err: float
-
-
-@dataclass(frozen=True)
-class GateTable:
-    """One gate per precision."""
-
-    fp32: Gate
-    bf16: Gate
-    fp8: Gate
+    @pydantic.field_validator("calibration")
+    @classmethod
+    def _known_or_npz(cls, value: str) -> str:
+        if value not in CALIBRATIONS and not value.endswith(".npz"):
+            raise ValueError(f"{value!r} is neither {' nor '.join(CALIBRATIONS)} nor a path to an .npz file")
+        return value
 
 
 # Starting points: fp32 should match the reference to rounding; bf16 keeps ~3 significant digits;
 # FP8 (e4m3) ~2. Actions pass through every component and the Euler steps, so their gates are looser.
-COMPONENT_GATES = GateTable(fp32=Gate(0.99999, 1e-4), bf16=Gate(0.999, 3e-2), fp8=Gate(0.99, 0.15))
-ACTION_GATES = GateTable(fp32=Gate(0.9999, 1e-3), bf16=Gate(0.995, 0.1), fp8=Gate(0.99, 0.2))
+COMPONENT_GATES = {Precision.FP32: Gate(0.99999, 1e-4), Precision.BF16: Gate(0.999, 3e-2), Precision.FP8: Gate(0.99, 0.15)}
+ACTION_GATES = {Precision.FP32: Gate(0.9999, 1e-3), Precision.BF16: Gate(0.995, 0.1), Precision.FP8: Gate(0.99, 0.2)}
 
 
-@dataclass(frozen=True)
-class Gates:
-    fp32: Gate = COMPONENT_GATES.fp32
-    bf16: Gate = COMPONENT_GATES.bf16
-    fp8: Gate = COMPONENT_GATES.fp8
-    actions: GateTable = ACTION_GATES
+def _gate_field(default: Gate) -> Any:
+    """A gate table whose missing keys take ``default``'s values."""
+
+    def fill(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {"cosine": default.cosine, "rel_err": default.rel_err, **value}
+        return value
+
+    return Annotated[Gate, BeforeValidator(fill)]
 
 
-@dataclass(frozen=True)
-class Recipe:
-    name: str
+class _GateTable(_Section):
+    def of(self, precision: Precision) -> Gate:
+        return getattr(self, Precision(precision).value)
+
+
+class ActionGates(_GateTable):
+    fp32: _gate_field(ACTION_GATES[Precision.FP32]) = ACTION_GATES[Precision.FP32]
+    bf16: _gate_field(ACTION_GATES[Precision.BF16]) = ACTION_GATES[Precision.BF16]
+    fp8: _gate_field(ACTION_GATES[Precision.FP8]) = ACTION_GATES[Precision.FP8]
+
+
+class Gates(_GateTable):
+    fp32: _gate_field(COMPONENT_GATES[Precision.FP32]) = COMPONENT_GATES[Precision.FP32]
+    bf16: _gate_field(COMPONENT_GATES[Precision.BF16]) = COMPONENT_GATES[Precision.BF16]
+    fp8: _gate_field(COMPONENT_GATES[Precision.FP8]) = COMPONENT_GATES[Precision.FP8]
+    actions: ActionGates = ActionGates()
+
+
+class Recipe(_Section):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")]
     model: ModelSpec
     vision: ComponentSpec = ComponentSpec()
     kvcache: ComponentSpec = ComponentSpec()
@@ -147,21 +219,43 @@ class Recipe:
     quantize: QuantizeSpec = QuantizeSpec()
     gates: Gates = Gates()
     # Where it was read from (for messages); not part of the recipe's content or hash.
-    path: Path | None = field(default=None, compare=False)
+    _path: Path | None = PrivateAttr(default=None)
 
-    def component(self, name: str) -> ComponentSpec:
-        if name not in COMPONENTS:
-            raise KeyError(f"unknown component {name!r}; known: {', '.join(COMPONENTS)}")
-        return getattr(self, name)
+    @property
+    def path(self) -> Path | None:
+        return self._path
 
-    def component_gate(self, name: str) -> Gate:
+    def __eq__(self, other: object) -> bool:  # the content, not where it was read from
+        return isinstance(other, Recipe) and self.to_dict() == other.to_dict()
+
+    def __hash__(self) -> int:
+        return hash(recipe_hash(self))
+
+    def component(self, name: Component | str) -> ComponentSpec:
+        return getattr(self, Component(name).value)
+
+    def component_gate(self, name: Component | str) -> Gate:
         """The gate for one component's outputs, by that component's precision."""
-        return getattr(self.gates, self.component(name).precision)
+        return self.gates.of(self.component(name).precision)
+
+    def actions_precision(self) -> Precision:
+        """The least precise of the three components: it picks the gate of the assembled actions."""
+        return Precision.least_precise([self.component(c).precision for c in Component])
 
     def actions_gate(self) -> Gate:
         """The gate for the assembled pipeline's actions, by the least precise component."""
-        least = max((self.component(c).precision for c in COMPONENTS), key=PRECISIONS.index)
-        return getattr(self.gates.actions, least)
+        return self.gates.actions.of(self.actions_precision())
+
+    def with_overrides(self, overrides: dict[str, Any]) -> Recipe:
+        """This recipe with dotted keys replaced (``{"model.device": "cpu"}``), validated again."""
+        data = self.to_dict()
+        for key, value in overrides.items():
+            _set_dotted(data, key, str(value) if isinstance(value, enum.Enum) else value)
+        return _validate(data, _Origin(str(self.path or self.name), frozenset(overrides)), self.path)
+
+    def with_component(self, name: Component, **changes: Any) -> Recipe:
+        """This recipe with one component's settings changed (the CLI's --fp8 / --steps), validated again."""
+        return self.with_overrides({f"{Component(name)}.{key}": value for key, value in changes.items()})
 
     def checkpoint_path(self) -> Path:
         """model.checkpoint resolved against the current directory; it must exist."""
@@ -180,16 +274,13 @@ class Recipe:
         return path
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready content (lists, not tuples), as stored in manifests."""
-        data = dataclasses.asdict(self)
-        del data["path"]
-        return json.loads(json.dumps(data))
+        """Plain JSON-ready content (lists and strings), as stored in manifests."""
+        return self.model_dump(mode="json")
 
 
 def recipe_hash(recipe: Recipe) -> str:
     """sha256 of the recipe's canonical JSON: equal content gives an equal hash, whatever the file's layout."""
-    canonical = json.dumps(recipe.to_dict(), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return sha256_json(recipe.to_dict())
 
 
 # ----------------------------------------------------------------------------- loading
@@ -202,17 +293,40 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise RecipeError(f"recipe file {path} does not exist") from None
+    except IsADirectoryError:
+        raise RecipeError(f"recipe {path} is a folder, not a TOML file") from None
     except tomllib.TOMLDecodeError as e:
         raise RecipeError(f"{path}: not valid TOML: {e}") from None
     overrides = overrides or {}
     for key, value in overrides.items():
         _set_dotted(data, key, value)
-    return _parse(data, _Origin(str(path), frozenset(overrides)), path)
+    return _validate(data, _Origin(str(path), frozenset(overrides)), path)
 
 
 def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
     """Validate a recipe given as a dict (e.g. a manifest's "recipe"); ``source`` names it in errors."""
-    return _parse(json.loads(json.dumps(data)), _Origin(source, frozenset()), None)
+    return _validate(data, _Origin(source, frozenset()), None)
+
+
+def find_recipe(given: Path | None) -> Path:
+    """The recipe a command uses: ``--recipe``, else $PI_BUILD_RECIPE, else ``recipe`` in ./pi-build.toml."""
+    if given is not None:
+        return Path(given)
+    if os.environ.get(RECIPE_ENV):
+        return Path(os.environ[RECIPE_ENV])
+    project = Path(PROJECT_FILE)
+    if project.is_file():
+        try:
+            named = tomllib.loads(project.read_text()).get("recipe")
+        except tomllib.TOMLDecodeError as e:
+            raise RecipeError(f"{project.resolve()}: not valid TOML: {e}") from None
+        if not isinstance(named, str) or not named:
+            raise RecipeError(f'{project.resolve()} names no recipe: add a line recipe = "recipes/<name>.toml"')
+        return Path(named)
+    raise RecipeError(
+        f"no recipe given: pass --recipe FILE, set {RECIPE_ENV}, or name one in ./{PROJECT_FILE} "
+        '(recipe = "recipes/tiny.toml")'
+    )
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -247,12 +361,11 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
 # ----------------------------------------------------------------------------- validation
 
 
-@dataclass(frozen=True)
 class _Origin:
     """Where values came from, so an error can say "override denoise.steps" or "recipes/x.toml: denoise.steps"."""
 
-    source: str
-    overridden: frozenset[str]
+    def __init__(self, source: str, overridden: frozenset[str]):
+        self.source, self.overridden = source, overridden
 
     def is_overridden(self, key: str) -> bool:
         return any(o == key or o.startswith(key + ".") for o in self.overridden)
@@ -262,171 +375,64 @@ class _Origin:
         return RecipeError(f"{where}: {problem}")
 
 
-_REQUIRED = object()
+def _validate(data: dict[str, Any], origin: _Origin, path: Path | None) -> Recipe:
+    try:
+        recipe = Recipe.model_validate(data)
+    except pydantic.ValidationError as e:
+        raise _first_error(e, origin) from None
+    _check_across_fields(recipe, origin)
+    recipe._path = path
+    return recipe
 
 
-class _Table:
-    """One TOML table being validated: rejects unknown keys up front, then hands out typed values."""
-
-    def __init__(self, data: Any, prefix: str, known: tuple[str, ...], origin: _Origin):
-        self.prefix, self.origin = prefix, origin
-        if not isinstance(data, dict):
-            raise origin.error(prefix, f"expected a table, got {data!r}")
-        for key in data:
-            if key not in known:
-                close = difflib.get_close_matches(key, known, n=1)
-                hint = f"; did you mean {self.key(close[0])!r}?" if close else f"; known: {', '.join(known)}"
-                raise origin.error(self.key(key), f"unknown field{hint}")
-        self.data = data
-
-    def key(self, name: str) -> str:
-        return f"{self.prefix}.{name}" if self.prefix else name
-
-    def error(self, name: str, problem: str) -> RecipeError:
-        return self.origin.error(self.key(name), problem)
-
-    def get(self, name: str, default: Any = _REQUIRED) -> Any:
-        if name in self.data:
-            return self.data[name]
-        if default is _REQUIRED:
-            raise self.error(name, "missing (required)")
-        return default
-
-    def table(self, name: str, known: tuple[str, ...], required: bool = False) -> _Table:
-        value = self.get(name, _REQUIRED if required else {})
-        return _Table(value, self.key(name), known, self.origin)
-
-    def integer(self, name: str, default: Any = _REQUIRED, minimum: int = 1) -> int:
-        value = self.get(name, default)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.error(name, f"expected an integer, got {value!r}")
-        if value < minimum:
-            raise self.error(name, f"must be >= {minimum}, got {value}")
-        return value
-
-    def text(self, name: str, default: Any = _REQUIRED) -> str:
-        value = self.get(name, default)
-        if not isinstance(value, str) or not value:
-            raise self.error(name, f"expected a non-empty string, got {value!r}")
-        return value
-
-    def choice(self, name: str, allowed: tuple[str, ...], default: Any = _REQUIRED) -> str:
-        value = self.get(name, default)
-        if value not in allowed:
-            raise self.error(name, f"{value!r} is not one of {', '.join(allowed)}")
-        return value
-
-    def texts(self, name: str, default: Any = _REQUIRED) -> tuple[str, ...]:
-        value = self.get(name, default)
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
-            raise self.error(name, f"expected a list of non-empty strings, got {value!r}")
-        return tuple(value)
-
-    def number(self, name: str, default: Any) -> float:
-        value = self.get(name, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self.error(name, f"expected a number, got {value!r}")
-        return float(value)
+def _first_error(error: pydantic.ValidationError, origin: _Origin) -> RecipeError:
+    """pydantic's first complaint as one line naming the dotted key and the fix."""
+    detail = error.errors()[0]
+    loc = [str(part) for part in detail["loc"] if not isinstance(part, int)]  # list positions name no field
+    key = ".".join(loc)
+    kind, value = detail["type"], detail.get("input")
+    if kind == "missing":
+        return origin.error(key, "missing (required)")
+    if kind in ("extra_forbidden", "unexpected_keyword_argument"):
+        known = _known_fields(loc[:-1])
+        close = difflib.get_close_matches(loc[-1], known, n=1)
+        prefix = ".".join(loc[:-1])
+        hint = f"; did you mean {'.'.join([prefix, close[0]]) if prefix else close[0]!r}?" if close else f"; known: {', '.join(known)}"
+        return origin.error(key, f"unknown field{hint}")
+    if kind in ("model_type", "dict_type", "model_attributes_type", "dataclass_type", "dataclass_exact_type"):
+        return origin.error(key, f"expected a table, got {value!r}")
+    if kind == "string_pattern_mismatch" and key == "name":
+        return origin.error(key, f"{value!r} must be letters, digits, '.', '_' or '-' (it names a folder)")
+    if kind in ("string_type", "string_too_short"):
+        return origin.error(key, f"expected a non-empty string, got {value!r}")
+    message = detail["msg"].removeprefix("Value error, ")
+    return origin.error(key, message)
 
 
-def _fields(cls: type) -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(cls) if f.name != "path")
+def _known_fields(loc: list[str]) -> list[str]:
+    """Field names of the section at ``loc`` (a list of field names from the top)."""
+    section: Any = Recipe
+    for part in loc:
+        section = _fields_of(section)[part].annotation
+    return list(_fields_of(section))
 
 
-def _parse(data: dict[str, Any], origin: _Origin, path: Path | None) -> Recipe:
-    top = _Table(data, "", _fields(Recipe), origin)
-    name = top.text("name")
-    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]*", name):
-        raise top.error("name", f"{name!r} must be letters, digits, '.', '_' or '-' (it names a folder)")
-    model = _parse_model(top.table("model", _fields(ModelSpec), required=True))
-    components = {}
-    for component in COMPONENTS:
-        spec_class = DenoiseSpec if component == "denoise" else ComponentSpec
-        table = top.table(component, _fields(spec_class))
-        components[component] = _parse_component(table, spec_class, model)
-    return Recipe(
-        name=name,
-        model=model,
-        quantize=_parse_quantize(top.table("quantize", _fields(QuantizeSpec))),
-        gates=_parse_gates(top.table("gates", _fields(Gates))),
-        path=path,
-        **components,
-    )
+def _fields_of(section: Any) -> dict[str, Any]:
+    """A pydantic model's fields, or a pydantic dataclass's (Gate)."""
+    return getattr(section, "model_fields", None) or section.__pydantic_fields__
 
 
-def _parse_model(t: _Table) -> ModelSpec:
-    config = t.get("config", None)
-    if config is not None:
+def _check_across_fields(recipe: Recipe, origin: _Origin) -> None:
+    """Rules that tie fields together; each error names the field an override just changed, if any."""
+    m = recipe.model
+    if m.config is not None:
         from pi_build.model.pi0 import CONFIGS  # here, not at the top: importing the model imports torch
 
-        if config not in CONFIGS:
-            raise t.error("config", f"{config!r} is not one of {', '.join(CONFIGS)}")
-    cameras = _cameras(t, "cameras", allow_empty=False)
-    masked = _cameras(t, "masked_cameras", allow_empty=True)
-    if both := [c for c in cameras if c in masked]:
-        # Blame the list an override just changed, if any, so that the message points at it.
-        blamed, other = ("cameras", "masked_cameras") if t.origin.is_overridden(t.key("cameras")) else ("masked_cameras", "cameras")
-        raise t.error(blamed, f"{', '.join(both)} also listed in {t.key(other)}")
-    return ModelSpec(
-        checkpoint=t.text("checkpoint"),
-        cameras=cameras,
-        prompt_len=t.integer("prompt_len"),
-        horizon=t.integer("horizon"),
-        config=config,
-        masked_cameras=masked,
-        batch=t.integer("batch", 1),
-        device=t.choice("device", DEVICES, "auto"),
-    )
-
-
-def _cameras(t: _Table, name: str, allow_empty: bool) -> tuple[str, ...]:
-    cameras = t.texts(name, () if allow_empty else _REQUIRED)
-    for camera in cameras:
-        if camera not in CAMERAS:
-            raise t.error(name, f"{camera!r} is not one of {', '.join(CAMERAS)}")
-    if len(set(cameras)) != len(cameras):
-        raise t.error(name, f"lists a camera twice: {list(cameras)}")
-    if not cameras and not allow_empty:
-        raise t.error(name, "needs at least one camera")
-    # Image tokens enter the prefix in this order; the checkpoints were trained with CAMERAS' order.
-    if list(cameras) != sorted(cameras, key=CAMERAS.index):
-        raise t.error(name, f"{list(cameras)} must follow the model's camera order {', '.join(CAMERAS)}")
-    return cameras
-
-
-def _parse_component(t: _Table, spec_class: type[ComponentSpec], model: ModelSpec) -> ComponentSpec:
-    backend = t.choice("backend", BACKENDS, "inductor")
-    if backend == "tensorrt" and model.device == "cpu":
-        raise t.error("backend", "tensorrt needs a CUDA device, but model.device is 'cpu'")
-    values = dict(backend=backend, precision=t.choice("precision", PRECISIONS, "bf16"))
-    if spec_class is DenoiseSpec:
-        values["steps"] = t.integer("steps", 10)
-    return spec_class(**values)
-
-
-def _parse_quantize(t: _Table) -> QuantizeSpec:
-    calibration = t.text("calibration", "generated")
-    if calibration not in CALIBRATIONS and not calibration.endswith(".npz"):
-        raise t.error("calibration", f"{calibration!r} is neither {' nor '.join(CALIBRATIONS)} nor a path to an .npz file")
-    return QuantizeSpec(
-        calibration=calibration,
-        samples=t.integer("samples", 16),
-        keep_high_precision=t.texts("keep_high_precision", KEEP_HIGH_PRECISION),
-    )
-
-
-def _parse_gates(t: _Table) -> Gates:
-    gates = {p: _parse_gate(t.table(p, _fields(Gate)), getattr(COMPONENT_GATES, p)) for p in PRECISIONS}
-    actions = t.table("actions", PRECISIONS)
-    action_gates = {p: _parse_gate(actions.table(p, _fields(Gate)), getattr(ACTION_GATES, p)) for p in PRECISIONS}
-    return Gates(**gates, actions=GateTable(**action_gates))
-
-
-def _parse_gate(t: _Table, default: Gate) -> Gate:
-    cosine = t.number("cosine", default.cosine)
-    if not 0.0 < cosine <= 1.0:
-        raise t.error("cosine", f"must be in (0, 1], got {cosine}")
-    rel_err = t.number("rel_err", default.rel_err)
-    if not 0.0 < rel_err < float("inf"):
-        raise t.error("rel_err", f"must be a positive number, got {rel_err}")
-    return Gate(cosine, rel_err)
+        if m.config not in CONFIGS:
+            raise origin.error("model.config", f"{m.config!r} is not one of {', '.join(CONFIGS)}")
+    if both := [c.value for c in m.cameras if c in m.masked_cameras]:
+        blamed, other = ("cameras", "masked_cameras") if origin.is_overridden("model.cameras") else ("masked_cameras", "cameras")
+        raise origin.error(f"model.{blamed}", f"{', '.join(both)} also listed in model.{other}")
+    for component in Component:
+        if recipe.component(component).backend == Backend.TENSORRT and m.device == Device.CPU:
+            raise origin.error(f"{component}.backend", "tensorrt needs a CUDA device, but model.device is 'cpu'")

@@ -8,8 +8,11 @@ is written to JSON (manifests, recipes) as that text.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
 import sys
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BeforeValidator, ConfigDict
+from pydantic.dataclasses import dataclass
 
 if sys.version_info >= (3, 11):
     from enum import StrEnum
@@ -59,8 +62,8 @@ class Backend(StrEnum):
     """What compiles an engine: Inductor (AOTInductor or torch.compile), nothing (eager), or TensorRT."""
 
     INDUCTOR = "inductor"
-    EAGER = "eager"
     TENSORRT = "tensorrt"
+    EAGER = "eager"
 
 
 class Camera(StrEnum):
@@ -89,13 +92,31 @@ class Stage(StrEnum):
     CAPTURE = "capture"
 
 
-@dataclass(frozen=True)
+def _number(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"expected a number, got {value!r}")
+    return float(value)
+
+
+def _cosine(value: float) -> float:
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def _rel_err(value: float) -> float:
+    if not 0.0 < value < float("inf"):
+        raise ValueError(f"must be a positive number, got {value}")
+    return value
+
+
+@dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class Gate:
     """What outputs must reach against the reference: a minimum cosine similarity and a maximum
     relative error ||out - ref|| / ||ref||. NaN passes no gate."""
 
-    cosine: float
-    rel_err: float
+    cosine: Annotated[float, BeforeValidator(_number), AfterValidator(_cosine)]
+    rel_err: Annotated[float, BeforeValidator(_number), AfterValidator(_rel_err)]
 
     def passes(self, cosine: float, rel_err: float) -> bool:
         return cosine >= self.cosine and rel_err <= self.rel_err  # False for NaN

@@ -27,32 +27,25 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import shutil
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor, nn
+
+from pi_build.engine import accuracy
+from pi_build.errors import OnnxExportError, OnnxMismatchError
+from pi_build.io import atomic_files
+from pi_build.spec import Gate
 
 # Opset 18: has LayerNormalization (17+) and is read by every TensorRT 10.x ONNX parser and by
 # onnxruntime >= 1.14. (torch 2.13's dynamo exporter defaults to 20.)
 DEFAULT_OPSET = 18
 PROTOBUF_LIMIT_BYTES = 2**31  # a single-file ONNX cannot hold more than 2 GB of weights
-DEFAULT_MAX_REL_ERR = 1e-4
-DEFAULT_MIN_COSINE = 0.9999
-
-
-class OnnxExportError(RuntimeError):
-    """torch.onnx could not export the module (the message says which module and why)."""
-
-
-class OnnxMismatchError(AssertionError):
-    """The ONNX graph, run in onnxruntime, does not match the PyTorch module within the gate."""
+# The exported float32 graph against the float32 module: only the kernels' rounding differs.
+ONNX_GATE = Gate(cosine=0.9999, rel_err=1e-4)
 
 
 # ----------------------------------------------------------------------------- export
@@ -71,28 +64,6 @@ def _quiet_exporter_logs() -> Iterator[None]:
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
-
-
-def _publish(tmp_dir: Path, path: Path) -> None:
-    """Move what was saved in ``tmp_dir`` (the model, named ``path.name``, and any external data file
-    it references by relative name) next to ``path``. The model moves last: once ``path`` exists,
-    its data file is already in place."""
-    model = tmp_dir / path.name
-    for file in tmp_dir.iterdir():
-        if file != model:
-            os.replace(file, path.parent / file.name)
-    os.replace(model, path)
-
-
-@contextlib.contextmanager
-def _staging_dir(path: Path) -> Iterator[Path]:
-    """A temporary folder beside ``path`` (same file system, so the final renames are atomic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _root_cause(error: BaseException) -> str:
@@ -137,7 +108,7 @@ def export_onnx(
 
     module = module.eval()
     what = type(module).__name__
-    with _staging_dir(path) as tmp:
+    with atomic_files(path) as tmp:
         try:
             with torch.no_grad(), _quiet_exporter_logs():
                 program = torch.onnx.export(
@@ -162,7 +133,6 @@ def export_onnx(
                 f"{what} returns {len(graph_outputs)} outputs {graph_outputs}, but output_names are {output_names}"
             )
         program.save(tmp / path.name, external_data=external_data)
-        _publish(tmp, path)
     return path
 
 
@@ -273,13 +243,12 @@ def clean_onnx(path: Path) -> dict:
     except Exception as e:
         raise RuntimeError(f"onnx-graphsurgeon could not clean {path}: {e}") from e
     cleaned = gs.export_onnx(graph)
-    with _staging_dir(path) as tmp:
+    with atomic_files(path) as tmp:
         target = tmp / path.name
         if external:
             onnx.save(cleaned, str(target), save_as_external_data=True, location=f"{path.name}.data")
         else:
             onnx.save(cleaned, str(target))
-        _publish(tmp, path)
     return {
         "cleaned": True,
         "nodes_before": nodes_before,
@@ -289,38 +258,6 @@ def clean_onnx(path: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------- verification
-
-
-def compare_arrays(actual: np.ndarray, expected: np.ndarray) -> dict[str, float]:
-    """max_abs, rel_err = ||a - b|| / ||b|| and cosine(a, b), in float64. Non-float (bool/int)
-    outputs are compared exactly: ``mismatches`` counts differing elements."""
-    if expected.dtype.kind not in "fc":
-        mismatches = int(np.count_nonzero(actual != expected))
-        return {"mismatches": mismatches}
-    a, b = actual.astype(np.float64).ravel(), expected.astype(np.float64).ravel()
-    diff_norm, ref_norm = np.linalg.norm(a - b), np.linalg.norm(b)
-    if ref_norm > 0:
-        rel_err = diff_norm / ref_norm
-    else:
-        rel_err = 0.0 if diff_norm == 0 else float("inf")
-    norms = np.linalg.norm(a) * ref_norm
-    if norms > 0:
-        cosine = float(a @ b / norms)
-    else:
-        cosine = 1.0 if diff_norm == 0 else 0.0
-    return {"max_abs": float(np.abs(a - b).max(initial=0.0)), "rel_err": float(rel_err), "cosine": cosine}
-
-
-def _worse(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
-    """Element-wise worst of two metric dicts (NaN counts as worst)."""
-    out = {}
-    for key, x in a.items():
-        y = b[key]
-        if key == "cosine":
-            out[key] = x if (np.isnan(x) or x < y) else y
-        else:
-            out[key] = x if (np.isnan(x) or x > y) else y
-    return out
 
 
 def _module_device(module: nn.Module) -> torch.device:
@@ -335,16 +272,14 @@ def verify_onnx(
     *,
     generator: torch.Generator,
     n_checks: int = 2,
-    max_rel_err: float = DEFAULT_MAX_REL_ERR,
-    min_cosine: float = DEFAULT_MIN_COSINE,
+    gate: Gate = ONNX_GATE,
 ) -> dict:
     """Run the graph in onnxruntime (CPU) and the module in PyTorch on ``n_checks`` fresh draws of
     ``module.example_inputs(generator)``; compare every output in float32.
 
-    Gates: rel_err <= max_rel_err and cosine >= min_cosine for float outputs, exact equality for
-    bool/int outputs; raises OnnxMismatchError naming the output, the draw and the numbers.
-    Returns {"outputs": {name: worst metrics over the draws}, "checks", "max_rel_err",
-    "min_cosine", "seconds"}.
+    Float outputs must pass ``gate``, bool/int outputs must be equal (``accuracy.check_gate``);
+    raises OnnxMismatchError naming the output, the draw and the numbers. Returns {"outputs":
+    {name: worst metrics over the draws}, "checks", "gate", "seconds"}.
     """
     import onnxruntime as ort
 
@@ -380,26 +315,12 @@ def verify_onnx(
             ref = ref.detach().cpu().numpy()
             if actual.shape != ref.shape:
                 raise OnnxMismatchError(f"{path}: output {name!r} has shape {list(actual.shape)} in onnxruntime, {list(ref.shape)} in PyTorch")
-            metrics = compare_arrays(actual, ref)
-            worst[name] = metrics if name not in worst else _worse(worst[name], metrics)
-            _check_gate(path, name, draw, metrics, max_rel_err, min_cosine)
+            result = accuracy.metrics(actual, ref)
+            worst[name] = accuracy.worst([result, worst[name]]) if name in worst else result
+            accuracy.check_gate(f"{path.name}: output {name!r} (draw {draw})", result, gate, error=OnnxMismatchError)
     return {
         "outputs": worst,
         "checks": n_checks,
-        "max_rel_err": max_rel_err,
-        "min_cosine": min_cosine,
+        "gate": {"cosine": gate.cosine, "rel_err": gate.rel_err},
         "seconds": time.perf_counter() - t0,
     }
-
-
-def _check_gate(path: Path, name: str, draw: int, m: dict[str, float], max_rel_err: float, min_cosine: float) -> None:
-    where = f"{path.name}: output {name!r} (draw {draw})"
-    if "mismatches" in m:
-        if m["mismatches"]:
-            raise OnnxMismatchError(f"{where}: {m['mismatches']} elements differ between onnxruntime and PyTorch")
-        return
-    # Written as `not (x <= limit)` so that NaN fails the gate.
-    if not m["rel_err"] <= max_rel_err:
-        raise OnnxMismatchError(f"{where}: rel_err {m['rel_err']:.3g} > {max_rel_err:g} (max_abs {m['max_abs']:.3g}, cosine {m['cosine']:.6f})")
-    if not m["cosine"] >= min_cosine:
-        raise OnnxMismatchError(f"{where}: cosine {m['cosine']:.6f} < {min_cosine} (rel_err {m['rel_err']:.3g})")

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,21 +36,23 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
+from pi_build.errors import BackendUnavailable
+from pi_build.io import atomic_write, write_json
+from pi_build.spec import Precision
+
+# The recipe's precisions, and fp16, which TensorRT builds but recipes do not offer.
+FP16 = "fp16"
+PRECISIONS = (Precision.FP32, FP16, Precision.BF16, Precision.FP8)
 DEFAULT_WORKSPACE_GB = 4.0
 ENGINE_FILE = "engine.plan"
 
 INSTALL_HINT = (
     "On x86-64 or ARM server Linux: `pip install tensorrt` (builder + runtime; CUDA 13 wheels by "
-    "default, `pip install tensorrt-cu12` for CUDA 12; releases not on pypi.org come from "
-    "NVIDIA's index: add `--extra-index-url https://pypi.nvidia.com`). On Jetson (JetPack 6): "
+    "default, `pip install tensorrt-cu12` for CUDA 12); releases missing from the public package index "
+    "come from NVIDIA's package index (add it with pip's --extra-index-url). On Jetson (JetPack 6): "
     "TensorRT comes with JetPack; `sudo apt install python3-libnvinfer` and create the venv with "
     "--system-site-packages so that it sees the system's `tensorrt`. torch_tensorrt is not needed."
 )
-
-
-class BackendUnavailable(RuntimeError):
-    """TensorRT is missing here (or sees no GPU); the message says what to install."""
 
 
 def tensorrt_available() -> tuple[bool, str]:
@@ -80,26 +81,13 @@ def _logger(trt):
     return trt.Logger(trt.Logger.WARNING)
 
 
-def _write_atomically(path: Path, data) -> None:
-    """Write a bytes-like object (bytes, or TensorRT's serialized plan) to ``path`` via a temp file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 # ----------------------------------------------------------------------------- building
 
 
 def _graph_precision(facts: dict) -> str:
     """The low precision a graph's weights are in (bf16 / fp16), else fp32."""
     dtypes = facts["weight_dtypes"]
-    return "bf16" if "BFLOAT16" in dtypes else "fp16" if "FLOAT16" in dtypes else "fp32"
+    return Precision.BF16 if "BFLOAT16" in dtypes else FP16 if "FLOAT16" in dtypes else Precision.FP32
 
 
 def check_onnx_for_tensorrt(onnx_path: Path, precision: str) -> dict:
@@ -118,7 +106,7 @@ def check_onnx_for_tensorrt(onnx_path: Path, precision: str) -> dict:
     if facts["float64_tensors"]:
         names = ", ".join(facts["float64_tensors"][:5])
         raise ValueError(f"{onnx_path} has float64 tensors ({names}); TensorRT has no float64: compute them in float32 or precompute them as buffers")
-    if precision == "fp8":
+    if precision == Precision.FP8:
         if facts["fp8_qdq_nodes"] == 0:
             raise ValueError(
                 f"precision 'fp8' needs FP8 quantize/dequantize nodes in the ONNX and {onnx_path} has none. "
@@ -129,7 +117,7 @@ def check_onnx_for_tensorrt(onnx_path: Path, precision: str) -> dict:
             )
         return facts
     graph = _graph_precision(facts)
-    if graph != "fp32" and graph != precision:
+    if graph != Precision.FP32 and graph != precision:
         raise ValueError(f"{onnx_path} carries {graph} weights but precision {precision!r} was asked: export the component in {precision}")
     return facts
 
@@ -146,7 +134,7 @@ def build_engine(onnx_path: Path, out_path: Path, *, precision: str, workspace_g
     trt = _import_tensorrt()
 
     flags = []
-    strongly_typed = precision == "fp8" or _graph_precision(facts) == precision
+    strongly_typed = precision == Precision.FP8 or _graph_precision(facts) == precision
     if not strongly_typed:  # a float32 graph asked to run in fp16 / bf16
         flag = getattr(trt.BuilderFlag, precision.upper(), None)
         if flag is None:
@@ -169,12 +157,12 @@ def build_engine(onnx_path: Path, out_path: Path, *, precision: str, workspace_g
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * 2**30))
     for flag in flags:
         config.set_flag(flag)
-    if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+    if precision == Precision.FP32 and hasattr(trt.BuilderFlag, "TF32"):
         config.clear_flag(trt.BuilderFlag.TF32)  # on by default; PyTorch's float32 matmuls do not use it
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise RuntimeError(f"TensorRT {trt.__version__} could not build an engine from {onnx_path} at {precision} (its log above says why)")
-    _write_atomically(out_path, plan)
+    atomic_write(out_path, plan)
     return out_path
 
 
@@ -182,13 +170,14 @@ def build_engine(onnx_path: Path, out_path: Path, *, precision: str, workspace_g
 
 
 def _torch_dtype(trt, dtype) -> torch.dtype:
+    # TensorRT's DataType member names (trt.DataType.FLOAT, ...).
     table = {
-        "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-        "int8": torch.int8, "uint8": torch.uint8, "int32": torch.int32, "int64": torch.int64,
-        "bool": torch.bool, "fp8": torch.float8_e4m3fn,
+        "FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16,
+        "INT8": torch.int8, "UINT8": torch.uint8, "INT32": torch.int32, "INT64": torch.int64,
+        "BOOL": torch.bool, "FP8": torch.float8_e4m3fn,
     }  # fmt: skip
     for name, torch_dtype in table.items():
-        if getattr(trt, name, None) == dtype:
+        if getattr(trt.DataType, name, None) == dtype:
             return torch_dtype
     raise TypeError(f"TensorRT tensor type {dtype} has no PyTorch equivalent here")
 
@@ -280,8 +269,8 @@ def compile_component(module: nn.Module, example_inputs: tuple[Tensor, ...], out
     ok, why = tensorrt_available()  # fail before a long export
     if not ok:
         raise BackendUnavailable(why)
-    precision = getattr(module, "precision", "fp32")
-    if precision == "fp8":
+    precision = getattr(module, "precision", Precision.FP32)
+    if precision == Precision.FP8:
         raise ValueError(
             "the TensorRT backend builds FP8 from ONNX with FP8 quantize/dequantize nodes, which the "
             "component export does not produce (pi-build's Fp8Linear is not ModelOpt's quantized "
@@ -293,7 +282,7 @@ def compile_component(module: nn.Module, example_inputs: tuple[Tensor, ...], out
         clean_onnx(onnx_path)
         plan = build_engine(onnx_path, out_dir / ENGINE_FILE, precision=precision)
     io = {"input_names": list(module.input_names), "output_names": list(module.output_names)}
-    _write_atomically(_io_file(plan), json.dumps(io, indent=2).encode())
+    write_json(_io_file(plan), io)
     return plan
 
 

@@ -2,200 +2,198 @@
 
 from __future__ import annotations
 
-import json
-import sys
 import time
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from pi_build import artifacts
-from pi_build.engine.components import COMPONENTS
+from pi_build.cli.common import DebugOpt, EnginesOpt, RecipeOpt, console, handle_errors, set_debug
+from pi_build.errors import ArtifactError
+from pi_build.spec import Component, Precision, Stage
 
 app = typer.Typer(help="Build fast, versioned engines for pi0 / pi0.5 policies.", no_args_is_help=True)
-console = Console(width=None if sys.stdout.isatty() else 150)
 
-RecipeOpt = Annotated[Path, typer.Option("--recipe", "-r", help="recipe TOML (recipes/*.toml)")]
-EnginesOpt = Annotated[Optional[Path], typer.Option("--engines", help="engines folder [env PI_BUILD_ENGINES, default engines/]")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override a recipe field: --set denoise.steps=3")]
-ComponentArg = Annotated[Optional[list[str]], typer.Argument(help="components (default: all three)")]
+ComponentArg = Annotated[Optional[list[Component]], typer.Argument(help="components (default: all three)")]
+FP8_HELP = "make this component FP8 (e4m3): calibrate on the recipe's [quantize] data, then compile FP8 GEMMs"
+Fp8Opt = Annotated[bool, typer.Option("--fp8", help=FP8_HELP)]
+StepsOpt = Annotated[Optional[int], typer.Option("--steps", min=1, help="Euler steps baked into the denoise engine (overrides denoise.steps)")]
 
 
-def _context(recipe_path: Path, engines: Path | None, overrides: dict):
-    from pi_build.build.stages import open_context
-    from pi_build.recipe import load_recipe
-
-    recipe = load_recipe(recipe_path, overrides)
-    folder = artifacts.engines_dir(engines)
-    console.print(f"[bold]{recipe.name}[/]: loading reference from {recipe.model.checkpoint}")
-    return open_context(recipe, folder, log=console.print)
+@app.callback()
+def main(debug: DebugOpt = False) -> None:
+    set_debug(debug)
 
 
-def _overrides(items: list[str] | None, **flags) -> dict:
-    from pi_build.recipe import parse_overrides
+def _recipe(recipe: Path | None, set_: list[str] | None, precision: dict[Component, Precision] | None = None,
+            steps: int | None = None):
+    """The recipe a command builds: the file (or the default one), --set overrides, then --fp8 / --steps."""
+    from pi_build.recipe import find_recipe, load_recipe, parse_overrides
 
-    out = parse_overrides(items or [])
-    out.update({k: v for k, v in flags.items() if v is not None})
-    return out
-
-
-def _components(names: list[str] | None) -> list[str]:
-    names = names or list(COMPONENTS)
-    for n in names:
-        if n not in COMPONENTS:
-            raise typer.BadParameter(f"unknown component {n!r}; use {', '.join(COMPONENTS)}")
-    return names
+    loaded = load_recipe(find_recipe(recipe), parse_overrides(set_ or []))
+    for component, value in (precision or {}).items():
+        loaded = loaded.with_component(component, precision=value)
+    if steps is not None:
+        loaded = loaded.with_component(Component.DENOISE, steps=steps)
+    return loaded
 
 
-def _run(recipe: Path, engines: Path | None, overrides: dict, plan: list[tuple[str, list[str]]], capture: bool) -> None:
+def _run(recipe, engines: Path | None, plan: list[tuple[Component, list[Stage]]], capture: bool) -> None:
     """Run (component, stages) in order with a progress display, then print the summary table."""
-    from pi_build.build.stages import run_stages, stage_capture
+    from pi_build.build.reference import load_reference
+    from pi_build.build.stages import build_component_stages, stage_capture
 
+    folder = artifacts.engines_dir(engines)
     landed: list[Path] = []
     t0 = time.perf_counter()
-    try:
-        ctx = _context(recipe, engines, overrides)
-        with console.status("building") as status:
-            for component, stages in plan:
-                for stage in stages:
-                    status.update(f"{component}: {stage}")
-                    console.print(f"[cyan]{component}[/] {stage} ...")
-                    landed += run_stages(ctx, component, [stage])
-            if capture:
-                status.update("pipeline: capture + end-to-end check")
-                console.print("[cyan]pipeline[/] capture + end-to-end check ...")
-                landed.append(stage_capture(ctx))
-    except _expected_errors() as exc:
-        console.print(f"[red]build failed:[/] {exc}")
-        raise typer.Exit(1) from exc
+    console.print(f"[bold]{recipe.name}[/] ({recipe.path}): loading the reference from {recipe.model.checkpoint}")
+    reference = load_reference(recipe)
+    with console.status("building") as status:
+        for component, stages in plan:
+            for stage in stages:
+                status.update(f"{component}: {stage}")
+                console.print(f"[cyan]{component}[/] {stage} ...")
+                landed += build_component_stages(reference, recipe, component, [stage], folder, log=console.print)
+        if capture:
+            status.update("pipeline: capture + end-to-end check")
+            console.print("[cyan]pipeline[/] capture + end-to-end check ...")
+            landed.append(stage_capture(reference, recipe, folder))
     _summary([artifacts.load_artifact(p) for p in landed], f"built in {time.perf_counter() - t0:.1f} s")
-
-
-def _expected_errors() -> tuple[type[Exception], ...]:
-    """Errors whose message says what is wrong (bad recipe, checkpoint, artifact, missing backend,
-    failed gate): printed as one line instead of a traceback."""
-    from pi_build.build.stages import BuildError
-    from pi_build.model.checkpoints import CheckpointError
-    from pi_build.backends.onnx import OnnxExportError, OnnxMismatchError
-    from pi_build.recipe import RecipeError
-    from pi_build.backends.tensorrt import BackendUnavailable
-
-    return (BuildError, CheckpointError, RecipeError, artifacts.ArtifactError, BackendUnavailable,
-            OnnxExportError, OnnxMismatchError, FileNotFoundError)
 
 
 def _summary(arts: list[artifacts.Artifact], title: str) -> None:
     table = Table(title=title)
-    for col in ("artifact", "stage", "backend", "precision", "MB", "cosine", "rel err", "gate", "seconds"):
+    for col in ("artifact", "stage", "backend", "precision", "steps", "MB", "cosine", "rel err", "gate", "seconds"):
         table.add_column(col)
     for a in arts:
         m = a.manifest
         acc = m.get("accuracy") or {}
         size = sum(f["bytes"] for f in m.get("files", {}).values()) / 1e6
+        steps = str(m.get("steps", "")) if a.component in (Component.DENOISE, artifacts.scales_kind(Component.DENOISE)) else ""
         table.add_row(
-            str(a.path.relative_to(a.path.parents[2])), m.get("stage", ""), str(m.get("backend") or ""), str(m.get("precision") or ""),
+            str(a), m.get("stage", ""), str(m.get("backend") or ""), str(m.get("precision") or ""), steps,
             f"{size:.1f}", f"{acc['cosine']:.6f}" if "cosine" in acc else "", f"{acc['rel_err']:.2e}" if "rel_err" in acc else "",
             ("pass" if acc.get("passed") else "FAIL") if acc else "", f"{m.get('build_seconds', 0):.1f}",
         )
     console.print(table)
 
 
+def _components(names: list[Component] | None) -> list[Component]:
+    return list(names) if names else list(Component)
+
+
 @app.command()
-def export(recipe: RecipeOpt, components: ComponentArg = None, engines: EnginesOpt = None, set_: SetOpt = None) -> None:
+@handle_errors
+def export(recipe: RecipeOpt = None, components: ComponentArg = None, engines: EnginesOpt = None, set_: SetOpt = None) -> None:
     """Export ONNX per component, verified in onnxruntime."""
-    _run(recipe, engines, _overrides(set_), [(c, ["export"]) for c in _components(components)], capture=False)
+    _run(_recipe(recipe, set_), engines, [(c, [Stage.EXPORT]) for c in _components(components)], capture=False)
 
 
 @app.command()
-def quantize(recipe: RecipeOpt, components: ComponentArg = None, engines: EnginesOpt = None, set_: SetOpt = None,
-             fp8: Annotated[bool, typer.Option("--fp8", help="make the components FP8 (e4m3) first")] = False) -> None:
+@handle_errors
+def quantize(recipe: RecipeOpt = None, components: ComponentArg = None, engines: EnginesOpt = None, set_: SetOpt = None,
+             fp8: Fp8Opt = False) -> None:
     """Calibrate FP8 scales for the components whose precision is fp8."""
     names = _components(components)
-    overrides = _overrides(set_, **({f"{c}.precision": "fp8" for c in names} if fp8 else {}))
-    _run(recipe, engines, overrides, [(c, ["quantize"]) for c in names], capture=False)
+    loaded = _recipe(recipe, set_, {c: Precision.FP8 for c in names} if fp8 else None)
+    _run(loaded, engines, [(c, [Stage.QUANTIZE]) for c in names], capture=False)
 
 
 @app.command(name="compile")
-def compile_(recipe: RecipeOpt, components: ComponentArg = None, engines: EnginesOpt = None, set_: SetOpt = None) -> None:
+@handle_errors
+def compile_(recipe: RecipeOpt = None, components: ComponentArg = None, engines: EnginesOpt = None, set_: SetOpt = None) -> None:
     """Compile engines (backend and precision from the recipe) and gate them against the reference."""
-    _run(recipe, engines, _overrides(set_), [(c, ["compile"]) for c in _components(components)], capture=False)
+    _run(_recipe(recipe, set_), engines, [(c, [Stage.COMPILE]) for c in _components(components)], capture=False)
 
 
 @app.command()
-def capture(recipe: RecipeOpt, engines: EnginesOpt = None, set_: SetOpt = None) -> None:
-    """Assemble the newest engines, capture CUDA graphs, check actions end to end, record latency."""
-    _run(recipe, engines, _overrides(set_), [], capture=True)
+@handle_errors
+def capture(recipe: RecipeOpt = None, engines: EnginesOpt = None, set_: SetOpt = None) -> None:
+    """Load the engines the recipe asks for, capture CUDA graphs, check actions end to end, record latency."""
+    _run(_recipe(recipe, set_), engines, [], capture=True)
 
 
-def _shortcut(component: str, recipe: Path, engines: Path | None, overrides: dict) -> None:
-    _run(recipe, engines, overrides, [(component, ["quantize", "compile"])], capture=False)
+def _shortcut(component: Component, recipe, engines: Path | None) -> None:
+    _run(recipe, engines, [(component, [Stage.QUANTIZE, Stage.COMPILE])], capture=False)
 
 
 @app.command()
-def vision(recipe: RecipeOpt, engines: EnginesOpt = None, set_: SetOpt = None,
-           fp8: Annotated[bool, typer.Option("--fp8")] = False) -> None:
+@handle_errors
+def vision(recipe: RecipeOpt = None, engines: EnginesOpt = None, set_: SetOpt = None, fp8: Fp8Opt = False) -> None:
     """Build the vision engine (quantize if fp8, compile)."""
-    _shortcut("vision", recipe, engines, _overrides(set_, **({"vision.precision": "fp8"} if fp8 else {})))
+    _shortcut(Component.VISION, _recipe(recipe, set_, {Component.VISION: Precision.FP8} if fp8 else None), engines)
 
 
 @app.command()
-def kvcache(recipe: RecipeOpt, engines: EnginesOpt = None, set_: SetOpt = None,
-            fp8: Annotated[bool, typer.Option("--fp8")] = False) -> None:
+@handle_errors
+def kvcache(recipe: RecipeOpt = None, engines: EnginesOpt = None, set_: SetOpt = None, fp8: Fp8Opt = False) -> None:
     """Build the prefix / KV-cache engine (quantize if fp8, compile)."""
-    _shortcut("kvcache", recipe, engines, _overrides(set_, **({"kvcache.precision": "fp8"} if fp8 else {})))
+    _shortcut(Component.KVCACHE, _recipe(recipe, set_, {Component.KVCACHE: Precision.FP8} if fp8 else None), engines)
 
 
 @app.command()
-def denoise(recipe: RecipeOpt, engines: EnginesOpt = None, set_: SetOpt = None,
-            steps: Annotated[Optional[int], typer.Option("--steps")] = None,
-            fp8: Annotated[bool, typer.Option("--fp8")] = False) -> None:
+@handle_errors
+def denoise(recipe: RecipeOpt = None, engines: EnginesOpt = None, set_: SetOpt = None, steps: StepsOpt = None,
+            fp8: Fp8Opt = False) -> None:
     """Build the denoise engine for a fixed number of Euler steps."""
-    flags = {"denoise.steps": steps, **({"denoise.precision": "fp8"} if fp8 else {})}
-    _shortcut("denoise", recipe, engines, _overrides(set_, **flags))
+    loaded = _recipe(recipe, set_, {Component.DENOISE: Precision.FP8} if fp8 else None, steps)
+    _shortcut(Component.DENOISE, loaded, engines)
 
 
 @app.command(name="all")
-def all_(recipe: RecipeOpt, engines: EnginesOpt = None, set_: SetOpt = None,
-         skip: Annotated[Optional[list[str]], typer.Option("--skip", help="stage to skip (export, capture)")] = None) -> None:
+@handle_errors
+def all_(recipe: RecipeOpt = None, engines: EnginesOpt = None, set_: SetOpt = None,
+         skip: Annotated[Optional[list[Stage]], typer.Option("--skip", help="a stage to skip (export, capture)")] = None) -> None:
     """Every stage for every component, then capture and the end-to-end check."""
-    skip = set(skip or [])
-    stages = [s for s in ("export", "quantize", "compile") if s not in skip]
-    _run(recipe, engines, _overrides(set_), [(c, stages) for c in COMPONENTS], capture="capture" not in skip)
+    skipped = set(skip or [])
+    stages = [s for s in (Stage.EXPORT, Stage.QUANTIZE, Stage.COMPILE) if s not in skipped]
+    _run(_recipe(recipe, set_), engines, [(c, stages) for c in Component], capture=Stage.CAPTURE not in skipped)
 
 
 @app.command(name="list")
+@handle_errors
 def list_(engines: EnginesOpt = None) -> None:
-    """The artifacts under the engines folder."""
+    """The artifacts under the engines folder (ids as `inspect` takes them), with steps and precision."""
     folder = artifacts.engines_dir(engines)
-    arts = artifacts.list_artifacts(folder)
-    if not arts:
+    problems: list[str] = []
+    arts = artifacts.list_artifacts(folder, problems)
+    if arts:
+        _summary(arts, f"artifacts under {folder}")
+    elif not problems:
         console.print(f"no artifacts under {folder}")
-        return
-    _summary(arts, f"artifacts under {folder}")
+    for problem in problems:
+        console.print(f"[yellow]refused:[/] {problem}", soft_wrap=True)
 
 
 @app.command()
-def inspect(path: Path) -> None:
-    """Verify one artifact (file hashes) and print its manifest."""
-    try:
-        art = artifacts.load_artifact(path)
-        artifacts.verify_artifact(art)
-    except artifacts.ArtifactError as exc:
-        console.print(f"[red]refused:[/] {exc}")
-        raise typer.Exit(1) from exc
+@handle_errors
+def inspect(artifact: Annotated[str, typer.Argument(help="an id as `pi-build list` prints it (tiny/vision/v1), or a folder")],
+            engines: EnginesOpt = None) -> None:
+    """Verify one artifact (its manifest and file hashes) and print its manifest."""
+    import json
+
+    path = Path(artifact)
+    if not path.is_dir():
+        model_id, kind, version = artifacts.parse_id(artifact)
+        path = artifacts.engines_dir(engines) / model_id / kind / version
+        if not path.is_dir():
+            raise ArtifactError(f"no artifact {artifact} under {artifacts.engines_dir(engines)}: `pi-build list` shows the ones there")
+    art = artifacts.load_artifact(path)
+    artifacts.verify_artifact(art)
     console.print_json(json.dumps(art.manifest))
-    console.print("[green]hashes ok[/]")
+    console.print(f"[green]{art}: manifest and file hashes ok[/]")
 
 
 @app.command()
+@handle_errors
 def checkpoint(
     out: Annotated[Path, typer.Option("--out", help="folder to create")],
     config: Annotated[str, typer.Option("--config", help="pi0, pi05, pi0_tiny, pi05_tiny")] = "pi05_tiny",
     layout: Annotated[str, typer.Option("--layout", help="openpi or lerobot")] = "openpi",
-    horizon: Annotated[Optional[int], typer.Option("--horizon")] = None,
+    horizon: Annotated[Optional[int], typer.Option("--horizon", min=1)] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     dtype: Annotated[str, typer.Option("--dtype", help="stored dtype: float32 or bfloat16")] = "float32",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing folder")] = False,
@@ -205,10 +203,18 @@ def checkpoint(
 
     import torch
 
+    from pi_build.errors import InputError
     from pi_build.model.checkpoints import make_random_checkpoint
-    from pi_build.transforms.libero import random_libero_norm_stats
+    from pi_build.model.norm_stats import random_libero_norm_stats
+    from pi_build.model.pi0 import CONFIGS
     from pi_build.model.tokenizer import train_tiny_tokenizer
 
+    if config not in CONFIGS:
+        raise typer.BadParameter(f"{config!r} is not one of {', '.join(CONFIGS)}", param_hint="--config")
+    if layout not in ("openpi", "lerobot") or dtype not in ("float32", "bfloat16"):
+        raise typer.BadParameter("--layout takes openpi or lerobot; --dtype takes float32 or bfloat16")
+    if out.exists() and not overwrite:
+        raise InputError(f"{out} exists: pass --overwrite to replace it, or choose another --out")
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = train_tiny_tokenizer(Path(tmp) / "tokenizer.model")
         path = make_random_checkpoint(config, out, seed=seed, layout=layout, horizon=horizon,

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import json
-import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Optional
 
 import numpy as np
 import typer
-from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(help="Run pi0 / pi0.5 policies from checkpoints or built engines.", no_args_is_help=True)
-console = Console(width=None if sys.stdout.isatty() else 150)
+from pi_build.cli.common import DebugOpt, EnginesOpt, RecipeOpt, console, handle_errors, parse_int_list, set_debug
+from pi_build.errors import InputError
 
-EnginesOpt = Annotated[Optional[Path], typer.Option("--engines", help="engines folder [env PI_BUILD_ENGINES, default engines/]")]
+app = typer.Typer(help="Run pi0 / pi0.5 policies from checkpoints or built engines.", no_args_is_help=True)
 MODEL_LEVEL_KEYS = {"images", "image_masks", "tokens", "token_masks", "state", "noise"}
 RAW_KEYS = {"observation/image", "observation/wrist_image", "observation/state", "prompt"}
 
@@ -74,7 +72,13 @@ def _model_level_inputs(arrays: dict[str, np.ndarray], cfg, path: Path):
     return inputs, None if noise is None else torch.from_numpy(noise.astype(np.float32))
 
 
+@app.callback()
+def main(debug: DebugOpt = False) -> None:
+    set_debug(debug)
+
+
 @app.command()
+@handle_errors
 def predict(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="openpi or lerobot checkpoint folder")],
     inputs: Annotated[Path, typer.Option("--inputs", help=".npz: raw observation or model-level inputs")],
@@ -102,11 +106,14 @@ def predict(
     model, info = load_checkpoint(checkpoint, dtype=getattr(torch, dtype), device=device)
     cfg = model.cfg
     if raw:
-        from pi_build.runtime.pipeline import load_transforms
+        from pi_build.transforms.libero import checkpoint_transforms
 
         obs = {k: (str(v) if k == "prompt" else v) for k, v in arrays.items()}
-        transforms = load_transforms(info.path, cfg)
-        model_inputs, noise = transforms.inputs(obs), None
+        transforms = checkpoint_transforms(info.path, cfg)
+        try:
+            model_inputs, noise = transforms.inputs(obs), None
+        except (KeyError, ValueError, TypeError) as e:  # the observation's own problem: say which
+            raise InputError(f"{inputs}: not a usable LIBERO observation: {str(e).strip(chr(39))}") from None
     else:
         model_inputs, noise = _model_level_inputs(arrays, cfg, inputs)
     if noise is not None and noise.shape[1] != cfg.action_horizon:
@@ -127,29 +134,64 @@ def predict(
     print(actions[0][: min(5, actions.shape[1])])
 
 
+# ----------------------------------------------------------------------------- engines for a recipe
+
+
+def _recipe(recipe: Path | None, model_id: str | None, engines: Path, steps: int | None, device: str):
+    """The recipe whose engines a command runs: --model-id takes the one recorded in that model's
+    newest engines (deployment without the recipe file), else the recipe file (or the default one).
+    --steps and --device override the recipe's."""
+    from pi_build.recipe import find_recipe, load_recipe
+    from pi_build.runtime.pipeline import recipe_of_model
+    from pi_build.spec import Component
+
+    loaded = recipe_of_model(engines, model_id) if model_id is not None else load_recipe(find_recipe(recipe))
+    if device != "auto":
+        loaded = loaded.with_overrides({"model.device": device})
+    return loaded.with_component(Component.DENOISE, steps=steps) if steps is not None else loaded
+
+
+def _pipeline(recipe, engines: Path):
+    from pi_build.runtime.pipeline import load_pipeline, resolve_device
+
+    pipeline = load_pipeline(engines, recipe, resolve_device(recipe.model.device))
+    console.print(f"{recipe.name} on {pipeline.device}: {pipeline.describe()}", soft_wrap=True)
+    return pipeline
+
+
+ModelIdOpt = Annotated[Optional[str], typer.Option("--model-id", help="run the recipe recorded in this model's newest engines (no recipe file needed)")]
+RunStepsOpt = Annotated[Optional[int], typer.Option("--steps", min=1, help="denoising steps (picks the denoise engine built for them)")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cuda or cpu (default: the recipe's)")]
+
+
 # ----------------------------------------------------------------------------- bench
 
 
 @app.command()
+@handle_errors
 def bench(
-    recipe: Annotated[Path, typer.Option("--recipe", "-r")],
+    recipe: RecipeOpt = None,
     engines: EnginesOpt = None,
-    steps: Annotated[str, typer.Option("--steps", help="comma-separated step counts")] = "1,3,10",
-    iters: Annotated[int, typer.Option("--iters")] = 50,
-    warmup: Annotated[int, typer.Option("--warmup")] = 10,
+    steps: Annotated[Optional[str], typer.Option("--steps", help="comma-separated step counts [default: every step count built]")] = None,
+    iters: Annotated[int, typer.Option("--iters", min=1)] = 50,
+    warmup: Annotated[int, typer.Option("--warmup", min=0)] = 10,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="write all figures as JSON")] = None,
     png: Annotated[Optional[Path], typer.Option("--png", help="write a stacked-bar chart")] = None,
     graphs: Annotated[bool, typer.Option("--graphs/--no-graphs", help="capture CUDA graphs (GPU)")] = True,
-    reference: Annotated[bool, typer.Option("--reference/--no-reference", help="time the eager reference too")] = True,
+    reference: Annotated[bool, typer.Option("--reference/--no-reference", help="time the eager reference too (needs the checkpoint)")] = True,
 ) -> None:
     """Per-component latency of the engines at each step count, next to the eager reference and the roofline."""
+    from pi_build import artifacts
+    from pi_build.io import write_json
     from pi_build.runtime import bench as bench_mod
 
-    results = bench_mod.run_bench(recipe, engines, [int(s) for s in steps.split(",")], iters=iters, warmup=warmup,
+    step_counts = parse_int_list(steps, "--steps")
+    loaded = _recipe(recipe, None, artifacts.engines_dir(engines), None, "auto")
+    results = bench_mod.run_bench(loaded, artifacts.engines_dir(engines), step_counts, iters=iters, warmup=warmup,
                                   graphs=graphs, reference=reference, log=console.print)
     bench_mod.print_tables(results, console)
     if json_out:
-        json_out.write_text(json.dumps(results, indent=2))
+        console.print(f"figures: {write_json(json_out, results)}")
     if png:
         bench_mod.plot(results, png)
         console.print(f"chart: {png}")
@@ -158,57 +200,48 @@ def bench(
 # ----------------------------------------------------------------------------- libero and serve
 
 
-def _policy(recipe: Path | None, engines: Path | None, model_id: str | None, steps: int | None, device: str):
-    """Load the engines of a recipe's model (or of --model-id) as a policy."""
-    import torch
-
-    from pi_build import artifacts
-    from pi_build.runtime.pipeline import load_policy
-
-    if recipe is not None:
-        from pi_build.recipe import load_recipe
-
-        r = load_recipe(recipe)
-        model_id = model_id or r.name
-        if device == "auto":
-            device = r.model.device
-    if model_id is None:
-        raise typer.BadParameter("give --recipe or --model-id to say which engines to load")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    folder = artifacts.engines_dir(engines)
-    console.print(f"loading {model_id} engines from {folder} on {device}" + (f" ({steps} steps)" if steps else ""))
-    return load_policy(folder, model_id, device, steps=steps)
-
-
 @app.command()
+@handle_errors
 def libero(
-    recipe: Annotated[Optional[Path], typer.Option("--recipe", "-r", help="recipe whose engines to load")] = None,
+    recipe: RecipeOpt = None,
     engines: EnginesOpt = None,
-    model_id: Annotated[Optional[str], typer.Option("--model-id", help="engines' model id (default: the recipe's name)")] = None,
-    suite: Annotated[str, typer.Option("--suite")] = "libero_spatial",
+    model_id: ModelIdOpt = None,
+    suite: Annotated[str, typer.Option("--suite", help="libero_spatial, libero_object, libero_goal, libero_10 or libero_90")] = "libero_spatial",
     tasks: Annotated[Optional[str], typer.Option("--tasks", help="comma-separated task ids (default: all)")] = None,
     trials: Annotated[int, typer.Option("--trials", min=1)] = 50,
     quick: Annotated[bool, typer.Option("--quick", help="3 tasks x 3 trials")] = False,
-    steps: Annotated[Optional[int], typer.Option("--steps", help="denoising steps (picks the denoise engine)")] = None,
-    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="cap on episode length (smoke runs)")] = None,
+    steps: RunStepsOpt = None,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="cap on episode length (smoke runs)")] = None,
     video: Annotated[Optional[Path], typer.Option("--video", help="write an MP4 per episode here")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="results JSON")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="results JSON [default: runs/libero/<suite>-<time>.json]")] = None,
     assets: Annotated[Optional[Path], typer.Option("--assets", help="LIBERO assets folder [env PI_BUILD_LIBERO_ASSETS]")] = None,
     seed: Annotated[int, typer.Option("--seed")] = 7,
-    device: Annotated[str, typer.Option("--device")] = "auto",
+    device: DeviceOpt = "auto",
 ) -> None:
     """Closed-loop evaluation in the LIBERO simulator, with openpi's protocol."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from pi_build import artifacts
     from pi_build.envs import libero as env
-    from pi_build.runtime.pipeline import latency_stats
+    from pi_build.io import write_json
+    from pi_build.runtime.policy import load_policy
+    from pi_build.runtime.timing import latency_stats
 
-    env.setup_libero(assets)
-    task_ids = [int(t) for t in tasks.split(",")] if tasks else None
+    if suite not in env.SUITES:
+        raise typer.BadParameter(f"{suite!r} is not a LIBERO suite; use one of {', '.join(env.SUITES)}", param_hint="--suite")
+    task_ids = parse_int_list(tasks, "--tasks", minimum=0)
     if quick:
         task_ids, trials = (task_ids or [0, 1, 2])[:3], 3
-    policy = _policy(recipe, engines, model_id, steps, device)
+    try:
+        env.setup_libero(assets)
+    except (ModuleNotFoundError, FileNotFoundError, RuntimeError) as e:
+        raise InputError(str(e)) from None
+    n_available = len(env.list_tasks(suite))
+    if task_ids is not None and (bad := [t for t in task_ids if not 0 <= t < n_available]):
+        raise typer.BadParameter(f"task {bad[0]} is out of range: {suite} has tasks 0-{n_available - 1}", param_hint="--tasks")
+    folder = artifacts.engines_dir(engines)
+    policy = load_policy(_pipeline(_recipe(recipe, model_id, folder, steps, device), folder))
+    out = out or Path("runs") / "libero" / f"{suite}-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
     timings: list[dict] = []
 
     def timed_policy(obs: dict):
@@ -216,7 +249,7 @@ def libero(
         timings.append(reply["policy_timing"])
         return reply["actions"]
 
-    n_tasks = len(task_ids) if task_ids is not None else len(env.list_tasks(suite))
+    n_tasks = len(task_ids) if task_ids is not None else n_available
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
         job = bar.add_task(f"{suite} episodes", total=n_tasks * trials)
         result = env.evaluate(suite, task_ids, trials, timed_policy, max_steps=max_steps, seed=seed, video_dir=video,
@@ -235,31 +268,30 @@ def libero(
     for k, s in latency.items():
         lat.add_row(k, f"{s['mean']:.2f}", f"{s['std']:.2f}", f"{s['p50']:.2f}", f"{s['p95']:.2f}", str(s["count"]))
     console.print(lat)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps({**result.to_dict(), "latency_ms": latency}, indent=2))
-        tmp.replace(out)
-        console.print(f"results: {out}")
+    console.print(f"results: {write_json(out, {**result.to_dict(), 'latency_ms': latency})}")
 
 
 @app.command()
+@handle_errors
 def serve(
-    recipe: Annotated[Optional[Path], typer.Option("--recipe", "-r")] = None,
+    recipe: RecipeOpt = None,
     engines: EnginesOpt = None,
-    model_id: Annotated[Optional[str], typer.Option("--model-id")] = None,
-    steps: Annotated[Optional[int], typer.Option("--steps")] = None,
+    model_id: ModelIdOpt = None,
+    steps: RunStepsOpt = None,
     host: Annotated[str, typer.Option("--host", help="0.0.0.0 to accept remote robots")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port")] = 8000,
-    device: Annotated[str, typer.Option("--device")] = "auto",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8000,
+    device: DeviceOpt = "auto",
 ) -> None:
     """A websocket policy server speaking openpi's protocol (openpi-client works unchanged)."""
+    from pi_build import artifacts
     from pi_build.runtime import serve as server
+    from pi_build.runtime.policy import load_policy
 
-    policy = _policy(recipe, engines, model_id, steps, device)
+    folder = artifacts.engines_dir(engines)
+    policy = load_policy(_pipeline(_recipe(recipe, model_id, folder, steps, device), folder))
     p = policy.pipeline
     metadata = {"model_id": p.manifests["vision"]["model_id"], "horizon": p.horizon, "steps": p.steps,
-                "cameras": list(p.cameras), "engines": {c: p.manifests[c]["version"] for c in p.manifests}}
+                "cameras": list(p.cameras), "engines": p.versions()}
     console.print(f"serving on ws://{host}:{port} (GET /healthz); Ctrl-C stops")
     server.serve(policy, host=host, port=port, metadata=metadata)
 

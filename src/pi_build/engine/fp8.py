@@ -42,10 +42,7 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import math
-import os
-import tempfile
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -53,6 +50,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from pi_build.io import read_json, write_json
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448.0
@@ -167,34 +166,20 @@ def _check_amaxes(amaxes: object, where: str) -> None:
             raise ValueError(f"{where}: {key} must be finite and > 0, got {value!r}")
 
 
-def save_scales(scales: Scales, path: str | Path) -> None:
-    """Write the scales as JSON, atomically (a temp file in the same folder, then rename)."""
+def save_scales(scales: Scales, path: str | Path) -> Path:
+    """Write the scales as JSON, atomically; returns the path."""
     path = Path(path)
     for name, amaxes in scales.items():
         _check_amaxes(amaxes, f"layer {name!r}")
     doc = {"format": SCALES_FORMAT, "layers": {n: {k: float(a[k]) for k in AMAX_KEYS} for n, a in scales.items()}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=1, sort_keys=True, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    return write_json(path, doc)
 
 
 def load_scales(path: str | Path) -> Scales:
     """Read a scales file written by ``save_scales``; errors name the file and the bad layer."""
     path = Path(path)
-    try:
-        doc = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(doc, dict) or doc.get("format") != SCALES_FORMAT or not isinstance(doc.get("layers"), dict):
+    doc = read_json(path)
+    if doc.get("format") != SCALES_FORMAT or not isinstance(doc.get("layers"), dict):
         raise ValueError(f"{path}: not an FP8 scales file (expected {{'format': {SCALES_FORMAT!r}, 'layers': {{...}}}})")
     for name, amaxes in doc["layers"].items():
         _check_amaxes(amaxes, f"{path}: layer {name!r}")

@@ -22,7 +22,6 @@ run the Triton code itself through Triton's interpreter (TRITON_INTERPRET=1, a f
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -315,13 +314,3 @@ def use_skinny_linears(module: nn.Module, names: list[str], rows: int) -> list[s
         setattr(module.get_submodule(parent), child, SkinnyLinear(layer))
         replaced.append(name)
     return replaced
-
-
-def attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tensor, mask: Tensor) -> Tensor:
-    """Plain float64 attention, the tests' truth: [B, T, HQ*D]."""
-    b, t, hq, d = q.shape
-    keys = torch.cat([k_cache, k_new], dim=1).double()
-    values = torch.cat([v_cache, v_new], dim=1).double()
-    logits = torch.einsum("bthd,bsd->bths", q.double(), keys) / math.sqrt(d)
-    logits = logits.masked_fill(~mask[:, :, None, :], float("-inf"))
-    return torch.einsum("bths,bsd->bthd", logits.softmax(-1), values).reshape(b, t, hq * d)

@@ -15,12 +15,10 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import functools
-import importlib.resources
 import importlib.util
 import math
 import os
 import sys
-import tempfile
 import time
 from collections import deque
 from pathlib import Path
@@ -28,7 +26,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pi_build.transforms.libero import libero_camera_image
+from pi_build.io import atomic_path, atomic_write
+from pi_build.spec import Camera
+from pi_build.transforms.libero import CAMERA_KEYS, PROMPT_KEY, STATE_KEY, libero_camera_image
 
 # Step budget per suite (policy-driven steps, wait steps not counted): openpi's values, a little
 # above the longest training demonstration of each suite.
@@ -115,10 +115,7 @@ def _write_libero_config(package_dir: Path, assets: Path) -> Path:
         "datasets": str(cache / "datasets"),  # demonstrations: never read during evaluation
         "assets": str(assets),
     }
-    fd, tmp = tempfile.mkstemp(dir=cache, suffix=".yaml.tmp")
-    with os.fdopen(fd, "w") as f:
-        yaml.safe_dump(config, f)
-    os.replace(tmp, cache / "config.yaml")
+    atomic_write(cache / "config.yaml", yaml.safe_dump(config))
     return cache
 
 
@@ -244,10 +241,10 @@ def libero_request(obs: dict[str, np.ndarray], task_description: str) -> dict[st
         [obs["robot0_eef_pos"], quat2axisangle(obs["robot0_eef_quat"]), obs["robot0_gripper_qpos"]]
     )
     return {
-        "observation/image": model_image(obs["agentview_image"]),
-        "observation/wrist_image": model_image(obs["robot0_eye_in_hand_image"]),
-        "observation/state": state,  # float64, 8 values, as openpi sends it
-        "prompt": str(task_description),
+        CAMERA_KEYS[Camera.BASE]: model_image(obs["agentview_image"]),
+        CAMERA_KEYS[Camera.LEFT_WRIST]: model_image(obs["robot0_eye_in_hand_image"]),
+        STATE_KEY: state,  # float64, 8 values, as openpi sends it
+        PROMPT_KEY: str(task_description),
     }
 
 
@@ -395,9 +392,8 @@ ProgressHook = Callable[[int, int, EpisodeResult], None]
 def _write_video(path: Path, frames: list[np.ndarray], fps: int = 10) -> None:
     import imageio
 
-    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
-    imageio.mimwrite(tmp, frames, fps=fps)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        imageio.mimwrite(tmp, frames, fps=fps)
 
 
 def evaluate(
@@ -466,46 +462,3 @@ def evaluate(
             env.close()
         tasks.append(TaskResult(task_id=task_id, description=descriptions[task_id], episodes=episodes))
     return EvalResult(suite=suite, max_steps=budget, tasks=tasks)
-
-
-# ---------------------------------------------------------------------------------------------
-# Recorded observations (package data, made by scripts/record_libero_observations.py)
-
-RECORDED_OBSERVATIONS = "libero_observations.npz"
-
-
-OBSERVATION_KEYS = ("base", "wrist", "state", "prompt")  # arrays of an observations .npz
-
-
-def load_recorded_observations(path: Path | None = None) -> list[dict[str, Any]]:
-    """Real LIBERO request dicts recorded once, for tests, calibration and demos without the simulator.
-
-    ``path``: an .npz of the same layout (base, wrist [N, 224, 224, 3] uint8, state [N, 8],
-    prompt [N] str; suite and task_id optional), e.g. a calibration set of your own; None = the
-    set shipped with pi-build (made by scripts/record_libero_observations.py).
-    Each dict has the openpi request keys plus `suite` and `task_id`; no LIBERO install needed.
-    """
-    if path is None:
-        resource = importlib.resources.files("pi_build") / "data" / RECORDED_OBSERVATIONS
-        with importlib.resources.as_file(resource) as file:
-            return load_recorded_observations(Path(file))
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot read observations from {path}: {exc}") from exc
-    missing = [key for key in OBSERVATION_KEYS if key not in arrays]
-    if missing:
-        raise ValueError(f"{path}: missing arrays {missing}; an observations .npz holds {list(OBSERVATION_KEYS)}")
-    n = len(arrays["base"])
-    return [
-        {
-            "observation/image": arrays["base"][i],
-            "observation/wrist_image": arrays["wrist"][i],
-            "observation/state": arrays["state"][i],
-            "prompt": str(arrays["prompt"][i]),
-            "suite": str(arrays["suite"][i]) if "suite" in arrays else "",
-            "task_id": int(arrays["task_id"][i]) if "task_id" in arrays else -1,
-        }
-        for i in range(n)
-    ]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -546,15 +547,14 @@ class PiModel(nn.Module):
 
     @torch.no_grad()
     def denoise(self, noise: Tensor, cache: KVCache, state: Tensor | None, steps: int) -> Tensor:
-        """The Euler loop alone. t and dt are float32 and t accumulates dt, as in openpi."""
+        """The Euler loop alone, from x = noise at t = 1 (float32 times, as in openpi)."""
+        dt, times = -1.0 / steps, euler_times(steps)
         b = noise.shape[0]
-        dt = torch.tensor(-1.0 / steps, dtype=torch.float32, device=noise.device)
-        t = torch.tensor(1.0, dtype=torch.float32, device=noise.device)
-        x = noise.float()
-        for _ in range(steps):
-            x = x + dt * self.denoise_step(x, t.expand(b), cache, state)
-            t = t + dt
-        return x
+
+        def step(x: Tensor, i: int) -> Tensor:
+            return x + dt * self.denoise_step(x, times[i].to(x.device).expand(b), cache, state)
+
+        return euler_loop(step, noise.float(), steps)
 
     @torch.no_grad()
     def velocity_full_sequence(self, inputs: ModelInputs, x_t: Tensor, t: Tensor) -> Tensor:
@@ -575,6 +575,32 @@ class PiModel(nn.Module):
         for i in range(self.cfg.llm.depth):
             xs, _, _ = self._layer(i, [(self.llm, xs[0], None), (self.expert, xs[1], cond)], positions, mask)
         return self._actions_out(xs[1], cond)
+
+
+# ----------------------------------------------------------------------------- the Euler loop
+
+
+def euler_times(steps: int) -> list[Tensor]:
+    """t_0 = 1, t_{i+1} = t_i + dt in float32 with dt = -1 / steps, accumulated as openpi's loop does."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    dt = torch.tensor(-1.0 / steps, dtype=torch.float32)
+    times, t = [], torch.tensor(1.0, dtype=torch.float32)
+    for _ in range(steps):
+        times.append(t)
+        t = t + dt
+    return times
+
+
+def euler_loop(step: Callable[[Tensor, int], Tensor], x: Tensor, steps: int) -> Tensor:
+    """x_{i+1} = step(x_i, i) for i = 0 .. steps - 1: noise at t = 1 in, actions at t = 0 out.
+
+    The one Euler loop of pi-build: the reference model, the engines' denoise loop and the
+    calibration of the denoise step all run it, each with its own ``step``.
+    """
+    for i in range(steps):
+        x = step(x, i)
+    return x
 
 
 # ----------------------------------------------------------------------------- random weights

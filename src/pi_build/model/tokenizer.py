@@ -24,11 +24,12 @@ from __future__ import annotations
 import io
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import sentencepiece
+
+from pi_build.io import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -187,13 +188,4 @@ def train_tiny_tokenizer(out_path: str | os.PathLike, vocab_size: int = 512) -> 
         num_threads=1,
         minloglevel=2,
     )
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(model.getvalue())
-        os.replace(tmp, out_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out_path
+    return atomic_write(out_path, model.getvalue())

@@ -1,130 +1,132 @@
-"""`pi-run bench`: per-component latency of built engines, the eager reference, and the roofline.
+"""`pi-run bench`: per-component latency of the engines a recipe asks for, beside the eager
+reference and the roofline floor measured in the same run.
 
-For each step count the newest engines built for it are loaded (and captured into CUDA graphs
-on a GPU), timed after warm-up with CUDA events (GPU) or perf counters (CPU), and shown beside
-the eager reference model on the same weights, timed the same way in the same run, and beside the
-floor from ``roofline.py`` with the GEMM rate and bandwidth measured on the spot.
+For each step count the engines that fit the recipe with that many denoise steps are loaded
+(and captured into CUDA graphs on a GPU) and timed after warm-up (``timing.measure``: CUDA events
+on a GPU, perf counters on the CPU); the eager reference model on the same weights is timed the
+same way; the floor comes from ``roofline.py`` with the GEMM rate and bandwidth measured on the
+spot (GPU only: on a CPU it is left out).
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from pi_build import artifacts
-from pi_build.runtime import roofline
-from pi_build.engine.components import COMPONENTS, Shapes
+from pi_build.engine.layers import Shapes
+from pi_build.errors import InputError
+from pi_build.io import atomic_path
 from pi_build.model.pi0 import ModelInputs, PiModel, config_from_dict
-from pi_build.recipe import CAMERAS
-from pi_build.runtime.pipeline import Pipeline, latency_stats, load_pipeline, measure_latency
+from pi_build.recipe import Recipe
+from pi_build.runtime import roofline, timing
+from pi_build.runtime.pipeline import Pipeline, load_pipeline, resolve_device
+from pi_build.spec import CAMERAS, Component
 
 ROWS = ("vision", "kvcache", "denoise", "denoise_per_step", "end_to_end")
 
 
-def _time_reference(model: PiModel, inputs: ModelInputs, noise: torch.Tensor, steps: int, iters: int, warmup: int) -> dict[str, dict]:
-    """The eager reference model, per component, timed like the engines."""
-    cuda = noise.is_cuda
+def built_step_counts(engines: Path, recipe: Recipe) -> list[int]:
+    """The denoise step counts of the engines that fit the recipe but for their steps."""
+    device, toolchain = artifacts.device_info(resolve_device(recipe.model.device)), artifacts.toolchain_versions()
+    counts = set()
+    for art in artifacts.artifacts_of(engines, recipe.name, Component.DENOISE):
+        steps = art.manifest.get("steps")
+        if isinstance(steps, int) and steps >= 1:
+            at_steps = recipe.with_component(Component.DENOISE, steps=steps)
+            if not artifacts.mismatches(art, at_steps, Component.DENOISE, device=device, toolchain=toolchain):
+                counts.add(steps)
+    return sorted(counts)
+
+
+def _reference_stages(model: PiModel, inputs: ModelInputs, noise: torch.Tensor, steps: int) -> list[timing.Stage]:
+    """The eager reference model as the same three timed stages."""
     box: dict[str, Any] = {}
 
-    def vision():
+    def vision() -> None:
         box["tokens"] = model.vision(inputs.images, inputs.image_masks)
 
-    def kvcache():
+    def kvcache() -> None:
         box["cache"] = model.kvcache(box["tokens"], inputs.image_masks, inputs.tokens, inputs.token_masks)
 
-    def denoise():
+    def denoise() -> None:
         box["actions"] = model.denoise(noise, box["cache"], inputs.state, steps)
 
-    parts = [("vision", vision), ("kvcache", kvcache), ("denoise", denoise)]
-    runs = []
-    with torch.no_grad():
-        for i in range(warmup + iters):
-            times = {}
-            for name, fn in parts:
-                if cuda:
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    fn()
-                    end.record()
-                    end.synchronize()
-                    times[name] = start.elapsed_time(end)
-                else:
-                    t0 = time.perf_counter()
-                    fn()
-                    times[name] = (time.perf_counter() - t0) * 1e3
-            times["end_to_end"] = sum(times[n] for n, _ in parts)
-            if i >= warmup:
-                runs.append(times)
-    return {name: latency_stats([r[name] for r in runs]) for name in runs[0]}
+    return [("vision", vision), ("kvcache", kvcache), ("denoise", denoise)]
 
 
 def _reference_inputs(pipeline: Pipeline, seed: int) -> tuple[ModelInputs, torch.Tensor]:
     """The engines' example inputs laid out for the reference: all three cameras, unused ones masked."""
     images, image_masks, tokens, token_masks, noise, state = pipeline.example_inputs(seed)
-    cams = CAMERAS
     b = images.shape[0]
     full = torch.full((b, 3, *images.shape[2:]), -1.0, device=images.device)
     full_masks = torch.zeros(b, 3, dtype=torch.bool, device=images.device)
     for i, cam in enumerate(pipeline.cameras):
-        full[:, cams.index(cam)] = images[:, i]
-        full_masks[:, cams.index(cam)] = image_masks[:, i]
+        full[:, CAMERAS.index(cam)] = images[:, i]
+        full_masks[:, CAMERAS.index(cam)] = image_masks[:, i]
     return ModelInputs(full, full_masks, tokens, token_masks, state), noise
 
 
 def _with_per_step(stats: dict[str, dict], steps: int) -> dict[str, dict]:
-    d = stats["denoise"]
-    stats["denoise_per_step"] = {k: (v / steps if k != "count" else v) for k, v in d.items()}
+    stats["denoise_per_step"] = {k: (v / steps if k != "count" else v) for k, v in stats["denoise"].items()}
     return stats
 
 
-def run_bench(recipe_path: Path, engines: Path | None, step_counts: list[int], *, iters: int, warmup: int,
-              graphs: bool, reference: bool, log: Callable[[str], None] = print) -> dict[str, Any]:
+def _load_reference(recipe: Recipe, device: torch.device, horizon: int) -> PiModel:
     from pi_build.model.checkpoints import load_checkpoint
-    from pi_build.recipe import load_recipe
 
-    recipe = load_recipe(recipe_path)
-    folder = artifacts.engines_dir(engines)
-    from pi_build.build.stages import resolve_device
+    path = Path(recipe.model.checkpoint).expanduser()
+    if not path.exists():
+        raise InputError(f"timing the eager reference needs the checkpoint, and model.checkpoint {recipe.model.checkpoint!r} "
+                         f"does not exist here: pass --no-reference, or run where the checkpoint is")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model, _ = load_checkpoint(path, dtype=dtype, device=device)
+    model.cfg = model.cfg.replace(action_horizon=horizon)
+    return model
 
+
+def run_bench(recipe: Recipe, engines: Path, step_counts: list[int] | None, *, iters: int, warmup: int,
+              graphs: bool, reference: bool, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Every figure of a bench run: per step count, the engines' latency stats, the reference's and the floors."""
     device = resolve_device(recipe.model.device)
+    step_counts = step_counts or built_step_counts(engines, recipe)
+    if not step_counts:
+        raise InputError(f"no denoise engine of {recipe.name!r} under {engines} fits the recipe at any step count: "
+                         f"build one with `pi-build denoise --recipe {recipe.path or '<recipe>'}`")
     log(f"measuring GEMM rate and bandwidth on {artifacts.device_info(device).get('name')}")
     ceilings = roofline.measure_ceilings(device)
     results: dict[str, Any] = {"recipe": recipe.name, "device": artifacts.device_info(device), "ceilings": ceilings,
                                "toolchain": artifacts.toolchain_versions(), "steps": {}}
     ref_model = None
     for steps in step_counts:
-        pipeline = load_pipeline(folder, recipe.name, device, steps=steps)
+        pipeline = load_pipeline(engines, recipe.with_component(Component.DENOISE, steps=steps), device)
         capture = pipeline.capture() if graphs else {"captured": False, "reason": "--no-graphs"}
-        versions = {c: pipeline.manifests[c]["version"] for c in COMPONENTS}
-        log(f"{steps} steps: engines {versions}; CUDA graphs: {capture.get('captured')}")
-        engine_stats = _with_per_step(measure_latency(pipeline, iters=iters, warmup=warmup), steps)
-        entry: dict[str, Any] = {"engines": engine_stats, "capture": capture, "versions": versions}
+        log(f"{steps} steps: {pipeline.describe()}; CUDA graphs: {capture.get('captured')}")
+        entry: dict[str, Any] = {"engines": _with_per_step(pipeline.measure_latency(iters=iters, warmup=warmup), steps),
+                                 "capture": capture, "versions": pipeline.versions()}
         if reference:
             if ref_model is None:
-                source = pipeline.manifests["vision"]["source"]["checkpoint"]
-                dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-                log(f"loading the eager reference ({dtype}) from {source}")
-                ref_model, _ = load_checkpoint(Path(source), dtype=dtype, device=device)
-                ref_model.cfg = ref_model.cfg.replace(action_horizon=pipeline.horizon)
+                log(f"loading the eager reference from {recipe.model.checkpoint}")
+                ref_model = _load_reference(recipe, device, pipeline.horizon)
             inputs, noise = _reference_inputs(pipeline, seed=1)
-            entry["reference"] = _with_per_step(_time_reference(ref_model, inputs, noise, steps, max(5, iters // 5), 3), steps)
-        entry["roofline_ms"] = _floors(pipeline, steps, ceilings)
+            stats = timing.measure(_reference_stages(ref_model, inputs, noise, steps), device, iters=max(5, iters // 5), warmup=3)
+            entry["reference"] = _with_per_step(stats, steps)
+        entry["roofline_ms"] = _floors(pipeline, steps, ceilings) if ceilings else None
         results["steps"][str(steps)] = entry
     return results
 
 
 def _floors(pipeline: Pipeline, steps: int, ceilings: dict) -> dict[str, float]:
-    cfg = config_from_dict(pipeline.manifests["vision"]["source"]["model_config"])
-    shapes = Shapes(batch=pipeline.batch, cameras=len(pipeline.cameras), prompt_len=pipeline.manifests["kvcache"]["prompt_len"],
+    cfg = config_from_dict(pipeline.manifests[Component.VISION]["source"]["model_config"])
+    shapes = Shapes(batch=pipeline.batch, cameras=len(pipeline.cameras), prompt_len=pipeline.prompt_len,
                     horizon=pipeline.horizon, steps=steps)
     floors = {}
-    for c in COMPONENTS:
+    for c in Component:
         precision = pipeline.manifests[c]["precision"]
         flops, bytes_ = roofline.component_cost(cfg, c, shapes, precision)
-        floors[c] = roofline.floor_ms(flops, bytes_, ceilings, precision)
+        floors[str(c)] = roofline.floor_ms(flops, bytes_, ceilings, precision)
     floors["denoise_per_step"] = floors["denoise"] / steps
     floors["end_to_end"] = floors["vision"] + floors["kvcache"] + floors["denoise"]
     return floors
@@ -134,21 +136,27 @@ def print_tables(results: dict[str, Any], console) -> None:
     from rich.table import Table
 
     c = results["ceilings"]
-    rate = c.get("gemm_bf16_flops") or c.get("gemm_fp32_flops")
-    console.print(f"device: {results['device'].get('name')}; measured GEMM {rate / 1e12:.0f} TFLOP/s"
-                  + (f", FP8 {c['gemm_fp8_flops'] / 1e12:.0f} TFLOP/s" if "gemm_fp8_flops" in c else "")
-                  + f", copy {c['bandwidth_bytes'] / 1e12:.2f} TB/s")
+    if c:
+        console.print(f"device: {results['device'].get('name')}; measured GEMM {c['gemm_bf16_flops'] / 1e12:.0f} TFLOP/s"
+                      + (f", FP8 {c['gemm_fp8_flops'] / 1e12:.0f} TFLOP/s" if "gemm_fp8_flops" in c else "")
+                      + f", copy {c['bandwidth_bytes'] / 1e12:.2f} TB/s")
+    else:
+        console.print(f"device: {results['device'].get('name')}; no roofline floor on a CPU (it is measured on GPUs only)")
     for steps, entry in results["steps"].items():
         table = Table(title=f"{results['recipe']}: {steps} denoising steps (ms; graphs: {entry['capture'].get('captured')})")
-        for col in ("component", "mean", "std", "p50", "p95", "n", "reference p50", "speed-up", "floor", "p50 / floor"):
+        columns = ["component", "mean", "std", "p50", "p95", "n", "reference p50", "speed-up"]
+        columns += ["floor", "p50 / floor"] if entry["roofline_ms"] else []
+        for col in columns:
             table.add_column(col, justify="right")
         for row in ROWS:
             e = entry["engines"][row]
             r = entry.get("reference", {}).get(row)
-            floor = entry["roofline_ms"][row]
-            table.add_row(row, f"{e['mean']:.3f}", f"{e['std']:.3f}", f"{e['p50']:.3f}", f"{e['p95']:.3f}", str(e["count"]),
-                          f"{r['p50']:.2f}" if r else "-", f"{r['p50'] / e['p50']:.1f}x" if r else "-",
-                          f"{floor:.3f}", f"{e['p50'] / floor:.1f}x")
+            cells = [row, f"{e['mean']:.3f}", f"{e['std']:.3f}", f"{e['p50']:.3f}", f"{e['p95']:.3f}", str(e["count"]),
+                     f"{r['p50']:.2f}" if r else "-", f"{r['p50'] / e['p50']:.1f}x" if r else "-"]
+            if entry["roofline_ms"]:
+                floor = entry["roofline_ms"][row]
+                cells += [f"{floor:.3f}", f"{e['p50'] / floor:.1f}x"]
+            table.add_row(*cells)
         console.print(table)
 
 
@@ -164,7 +172,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     for ax, kind in zip(axes[0], kinds):
         labels = [f"{steps} steps" for steps, e in results["steps"].items() if kind in e]
         bottom = [0.0] * len(labels)
-        for comp in COMPONENTS:
+        for comp in ("vision", "kvcache", "denoise"):
             values = [e[kind][comp]["p50"] for e in results["steps"].values() if kind in e]
             ax.bar(labels, values, bottom=bottom, label=comp)
             bottom = [b + v for b, v in zip(bottom, values)]
@@ -175,7 +183,6 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax.legend()
     fig.suptitle(f"{results['recipe']} on {results['device'].get('name')}")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)

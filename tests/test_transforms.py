@@ -5,20 +5,14 @@ import pytest
 import torch
 
 from pi_build.model.pi0 import build_model, get_config
+from pi_build.model.norm_stats import NormStats, load_norm_stats
+from pi_build.transforms import image_to_float, make_bool_mask, normalize, resize_with_pad, unnormalize, uses_quantile_norm
 from pi_build.transforms.libero import (
-    NormStats,
-    PolicyTransforms,
     actions_to_env,
-    image_to_float,
     libero_camera_image,
     libero_delta_mask,
-    load_norm_stats,
-    make_bool_mask,
-    normalize,
+    libero_transforms,
     observation_to_inputs,
-    resize_with_pad,
-    unnormalize,
-    uses_quantile_norm,
 )
 from pi_build.model.tokenizer import PromptTokenizer, train_tiny_tokenizer
 
@@ -329,15 +323,18 @@ def test_policy_transforms_libero_end_to_end_through_tiny_model(tokenizer_path):
     rng = np.random.default_rng(12)
     stats, obs = random_stats(rng), random_obs(rng, size=256)
     for cfg in (PI0, PI05):
-        transforms = PolicyTransforms.libero(cfg, tokenizer_for(cfg, tokenizer_path), stats)
-        assert transforms.discrete_state_input is False and transforms.delta_mask == libero_delta_mask(cfg)
+        transforms = libero_transforms(cfg, tokenizer_for(cfg, tokenizer_path), stats)
+        chain = [type(t).__name__ for t in transforms.outputs_chain.transforms]
+        assert ("AbsoluteActions" in chain) == (libero_delta_mask(cfg) is not None)
+        token_step = next(t for t in transforms.inputs_chain.transforms if type(t).__name__ == "TokenizePrompt")
+        assert token_step.discrete_state is False  # openpi's LIBERO configs: no state in the prompt
         inputs = transforms.inputs(obs)
         noise = torch.from_numpy(rng.normal(size=(1, cfg.action_horizon, cfg.action_dim)).astype(np.float32))
         raw = build_model(cfg).sample(inputs, noise, steps=2)
         actions = transforms.outputs(raw, obs)
         assert actions.shape == (1, cfg.action_horizon, 7) and np.isfinite(actions).all()
         expected = actions_to_env(
-            raw, obs["observation/state"], model_cfg=cfg, norm_stats=stats, delta_mask=transforms.delta_mask
+            raw, obs["observation/state"], model_cfg=cfg, norm_stats=stats, delta_mask=libero_delta_mask(cfg)
         )
         np.testing.assert_array_equal(actions, expected)
 

@@ -4,7 +4,11 @@ import pytest
 import torch
 
 from pi_build.engine.accuracy import component_metrics, metrics
-from pi_build.engine.components import COMPONENTS, Shapes, build_component, denoise_loop, euler_times, reference_outputs
+from pi_build.engine import build_component, reference_outputs
+from pi_build.engine.denoise import denoise_loop
+from pi_build.engine.layers import Shapes
+from pi_build.model.pi0 import euler_times
+from pi_build.spec import COMPONENTS
 from pi_build.model.pi0 import KVCache, ModelInputs, build_model, get_config
 
 STEPS = 3

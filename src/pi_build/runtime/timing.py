@@ -1,0 +1,58 @@
+"""The one latency timer: run a chain of stages many times, time each, summarize.
+
+On a GPU each stage is bracketed by CUDA events (device time, no host sync inside the chain);
+on the CPU by perf counters. The engines (CUDA-graph replays or eager calls) and the eager
+reference model are timed through the same function, so their numbers compare.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+Stage = tuple[str, Callable[[], object]]
+
+
+def latency_stats(samples: Sequence[float]) -> dict[str, float]:
+    """mean, std, p50, p95, p99 and count of latency samples (ms)."""
+    a = np.asarray(samples, dtype=np.float64)
+    if a.size == 0:
+        raise ValueError("no latency samples")
+    return {"mean": float(a.mean()), "std": float(a.std()), "p50": float(np.percentile(a, 50)),
+            "p95": float(np.percentile(a, 95)), "p99": float(np.percentile(a, 99)), "count": int(a.size)}
+
+
+def _time_once(stages: Sequence[Stage], device: torch.device) -> dict[str, float]:
+    if device.type == "cuda":
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(len(stages) + 1)]
+        events[0].record()
+        for event, (_, run) in zip(events[1:], stages):
+            run()
+            event.record()
+        events[-1].synchronize()
+        return {name: events[i].elapsed_time(events[i + 1]) for i, (name, _) in enumerate(stages)}
+    times = {}
+    for name, run in stages:
+        t0 = time.perf_counter()
+        run()
+        times[name] = (time.perf_counter() - t0) * 1e3
+    return times
+
+
+@torch.no_grad()
+def measure(stages: Sequence[Stage], device: torch.device, *, iters: int, warmup: int,
+            end_to_end: Callable[[], object] | None = None) -> dict[str, dict[str, float]]:
+    """Latency stats (ms) of each stage run in order, and of ``end_to_end``: the whole chain as one
+    call (a CUDA graph of it) when given, else the sum of the stages of the same iteration."""
+    if iters < 1:
+        raise ValueError(f"iters must be >= 1, got {iters}")
+    runs = []
+    for i in range(warmup + iters):
+        times = _time_once(stages, device)
+        times["end_to_end"] = _time_once([("all", end_to_end)], device)["all"] if end_to_end else sum(times.values())
+        if i >= warmup:
+            runs.append(times)
+    return {name: latency_stats([r[name] for r in runs]) for name in runs[0]}
