@@ -29,11 +29,14 @@ import pytest
 import websockets
 import websockets.sync.client
 
+from pi_build.errors import ServeError
 from pi_build.runtime.serve import (
     LIBERO_REQUEST_SPEC,
     ArraySpec,
     BadRequest,
+    check_can_listen,
     decode_request,
+    exposure_warning,
     pack,
     serve,
     unpack,
@@ -103,10 +106,11 @@ def running_server(policy: Callable[[dict], dict], **kwargs) -> Iterator[int]:
 
 
 @contextlib.contextmanager
-def connect(port: int) -> Iterator[tuple[websockets.sync.client.ClientConnection, dict]]:
-    """A connection and the metadata the server sent first."""
+def connect(port: int, api_key: str | None = None) -> Iterator[tuple[websockets.sync.client.ClientConnection, dict]]:
+    """A connection and the metadata the server sent first; with `api_key`, sent as openpi-client sends it."""
     with websockets.sync.client.connect(
-        f"ws://127.0.0.1:{port}", compression=None, max_size=None, open_timeout=TIMEOUT_S, close_timeout=TIMEOUT_S
+        f"ws://127.0.0.1:{port}", compression=None, max_size=None, open_timeout=TIMEOUT_S, close_timeout=TIMEOUT_S,
+        additional_headers=api_key_header(api_key),
     ) as conn:
         first = conn.recv(timeout=TIMEOUT_S)
         assert isinstance(first, bytes), f"expected metadata first, got {first!r}"
@@ -120,10 +124,15 @@ def infer(conn: websockets.sync.client.ClientConnection, obs: dict) -> dict:
     return unpack(reply)
 
 
-def http_get(port: int, path: str) -> tuple[int, str]:
+def api_key_header(api_key: str | None) -> dict[str, str]:
+    """The header openpi-client sends for its api_key (openpi_client/websocket_client_policy.py)."""
+    return {} if api_key is None else {"Authorization": f"Api-Key {api_key}"}
+
+
+def http_get(port: int, path: str, api_key: str | None = None) -> tuple[int, str]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT_S)
     try:
-        conn.request("GET", path)
+        conn.request("GET", path, headers=api_key_header(api_key))
         response = conn.getresponse()
         return response.status, response.read().decode()
     finally:
@@ -514,10 +523,10 @@ def test_sigint_stops_the_server_cleanly():
 
 def test_serves_the_real_policy_over_built_engines(workspace):
     """The runtime's Policy over the tiny engines behind the server: LIBERO actions come back."""
-    from pi_build.recipe import load_recipe
-    from pi_build.runtime.pipeline import load_pipeline
-    from pi_build.runtime.policy import load_policy
     from pi_build.transforms.libero import load_recorded_observations
+    from pi_build.runtime.policy import load_policy
+    from pi_build.runtime.pipeline import load_pipeline
+    from pi_build.recipe import load_recipe
 
     policy = load_policy(load_pipeline(workspace["engines"], load_recipe(workspace["recipe"]), "cpu"))
     observations = load_recorded_observations()[:2]
@@ -531,13 +540,16 @@ def test_serves_the_real_policy_over_built_engines(workspace):
 
 
 def test_pi_run_serve_cli_answers_health_and_requests(workspace):
-    """`pi-run serve` as users start it: a process on loopback, /healthz, one LIBERO request, Ctrl-C."""
+    """`pi-run serve` as users start it: a process on loopback with the API key in PI_BUILD_API_KEY and
+    --max-batch above what the batch-1 engines hold; /healthz, /metrics, one LIBERO request, Ctrl-C."""
     from pi_build.transforms.libero import load_recorded_observations
 
     port = free_port()
     cmd = [sys.executable, "-m", "pi_build.cli.run", "serve", "--recipe", str(workspace["recipe"]),
-           "--engines", str(workspace["engines"]), "--port", str(port), "--device", "cpu"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           "--engines", str(workspace["engines"]), "--port", str(port), "--device", "cpu",
+           "--max-batch", "4", "--max-wait-ms", "2"]
+    env = {**os.environ, "PI_BUILD_API_KEY": "from-the-environment"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -551,10 +563,226 @@ def test_pi_run_serve_cli_answers_health_and_requests(workspace):
             time.sleep(0.5)
         obs = load_recorded_observations()[0]
         request = {k: obs[k] for k in ("observation/image", "observation/wrist_image", "observation/state", "prompt")}
-        with connect(port) as (conn, metadata):
-            assert metadata["model_id"] == "t" and metadata["horizon"] == 10 and metadata["steps"] == 2
+        assert_refused_for_its_key(port, None)
+        with connect(port, api_key="from-the-environment") as (conn, metadata):
+            assert metadata["model_id"] == "t" and metadata["horizon"] == 10
             reply = infer(conn, request)
         assert reply["actions"].shape == (10, 7)
+        assert reply["server_timing"]["batch_size"] == 1
+        assert http_get(port, "/metrics")[0] == 401
+        status, text = http_get(port, "/metrics", api_key="from-the-environment")
+        assert status == 200 and "pi_build_serve_refused_connections_total 1.0" in text
     finally:
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=TIMEOUT_S) == 0
+        output, _ = proc.communicate(timeout=TIMEOUT_S)
+    assert proc.returncode == 0, output
+    assert "batches of up to 1;" in output  # the engines hold one request: --max-batch 4 is capped, and says so
+    assert "max_batch 4 asked, but the policy takes at most 1 requests per call" in output
+
+
+# --- what a user meets: ports, keys, exposure, long prompts (issue 9) ----------------------------------
+
+
+def test_a_port_in_use_is_one_clear_error():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        expected = (f"port {port} on 127.0.0.1 is already in use (another pi-run serve?): "
+                    "stop that process, or pick a free port with --port")
+        with pytest.raises(ServeError) as raised:
+            serve(fake_policy, port=port, metadata=METADATA)
+        assert str(raised.value) == expected
+        with pytest.raises(ServeError) as raised:
+            check_can_listen("127.0.0.1", port)
+        assert str(raised.value) == expected
+    check_can_listen("127.0.0.1", port)  # free again: no error
+
+
+def test_an_address_not_of_this_machine_is_one_clear_error():
+    with pytest.raises(ServeError, match=r"^192\.0\.2\.1 is not an address of this machine: use 127\.0\.0\.1"):
+        check_can_listen("192.0.2.1", free_port())  # TEST-NET-1: never a local address
+
+
+def test_pi_run_serve_says_the_port_is_in_use_in_one_line_before_loading_engines():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "pi_build.cli.run", "serve", "--model-id", "no-such-model",
+                                 "--engines", "/nonexistent", "--port", str(port)],
+                                capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stdout == ""  # nothing was loaded
+    assert result.stderr == (f"error: port {port} on 127.0.0.1 is already in use (another pi-run serve?): "
+                             "stop that process, or pick a free port with --port\n")
+
+
+# Only the start of typer's message: its wording after the option name changes between typer versions.
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--port", "-1"], "Invalid value for '--port'"),
+        (["--port", "65536"], "Invalid value for '--port'"),
+        (["--port", "http"], "Invalid value for '--port'"),
+        (["--max-batch", "0"], "Invalid value for '--max-batch'"),
+        (["--max-wait-ms", "-1"], "Invalid value for '--max-wait-ms'"),
+        (["--api-key", " "], "Invalid value for --api-key: the key is empty: give one, or unset PI_BUILD_API_KEY"),
+    ],
+)
+def test_pi_run_serve_refuses_bad_options_before_any_work(args, message):
+    from typer.testing import CliRunner
+
+    from pi_build.cli.run import app
+
+    result = CliRunner().invoke(app, ["serve", "--model-id", "no-such-model", *args])
+    assert result.exit_code == 2
+    flat = " ".join(line.strip(" │╭╮╰╯─") for line in result.output.splitlines())  # rich draws a box around it
+    assert message in " ".join(flat.split())
+    assert "Traceback" not in result.output and "loading" not in result.output
+
+
+WRONG_KEY_REASON = "missing or wrong API key: connect with this server's key (openpi-client: api_key=KEY)"
+
+
+def assert_refused_for_its_key(port: int, api_key: str | None, authorization: str | None = None) -> None:
+    """A connection with this key (or this raw Authorization header) is closed with 1008 and the reason."""
+    headers = {"Authorization": authorization} if authorization is not None else api_key_header(api_key)
+    with websockets.sync.client.connect(f"ws://127.0.0.1:{port}", additional_headers=headers,
+                                        open_timeout=TIMEOUT_S) as conn:
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            conn.recv(timeout=TIMEOUT_S)  # no metadata: the close comes first
+    assert closed.value.rcvd is not None
+    assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1008, WRONG_KEY_REASON)
+
+
+def test_an_api_key_refuses_other_connections_with_a_clear_reason():
+    rng = np.random.default_rng()
+    with running_server(fake_policy, api_key="s3cret") as port:
+        assert_refused_for_its_key(port, None)
+        assert_refused_for_its_key(port, "wrong")
+        assert_refused_for_its_key(port, "s3cre")
+        assert_refused_for_its_key(port, "S3CRET")
+        assert_refused_for_its_key(port, None, authorization="Bearer s3cret")  # openpi's scheme is Api-Key
+        with connect(port, api_key="s3cret") as (conn, metadata):
+            assert metadata["policy"] == "fake-libero"
+            obs = random_observation(rng)
+            assert_reply_answers(infer(conn, obs), obs)
+        assert http_get(port, "/healthz")[0] == 200  # health checks need no key
+        deadline = time.monotonic() + TIMEOUT_S  # a handler counts its request after sending the reply
+        while "pi_build_serve_connections 0.0" not in http_get(port, "/metrics", api_key="s3cret")[1]:
+            assert time.monotonic() < deadline, "the connection did not end"
+            time.sleep(0.01)
+        status, text = http_get(port, "/metrics")
+        assert status == 401 and "missing or wrong API key" in text
+        status, text = http_get(port, "/metrics", api_key="s3cret")
+        assert status == 200
+        assert "pi_build_serve_refused_connections_total 5.0" in text
+        assert 'pi_build_serve_requests_total{outcome="ok"} 1.0' in text
+
+
+@pytest.mark.slow
+def test_openpi_client_sends_its_api_key_and_hears_why_a_wrong_one_is_refused(openpi_client_python, tmp_path):
+    rng = np.random.default_rng()
+    observations = [random_observation(rng, np.float64) for _ in range(2)]
+    np.savez(tmp_path / "obs.npz", image=np.stack([o["observation/image"] for o in observations]),
+             wrist_image=np.stack([o["observation/wrist_image"] for o in observations]),
+             state=np.stack([o["observation/state"] for o in observations]),
+             prompt=np.array([o["prompt"] for o in observations]))
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+
+    def openpi_client(port: int, *args: str) -> dict:
+        result = subprocess.run([str(openpi_client_python), str(REPO / "scripts" / "openpi_client_check.py"),
+                                 "--host", "127.0.0.1", "--port", str(port), "--observations", str(tmp_path / "obs.npz"),
+                                 *args], capture_output=True, text=True, timeout=60, env=env)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    with running_server(fake_policy, api_key="s3cret") as port:
+        wrong = openpi_client(port, "--api-key", "wrong")
+        missing = openpi_client(port)
+        right = openpi_client(port, "--api-key", "s3cret")
+    for refused in (wrong, missing):
+        assert set(refused) == {"connect_error"}
+        assert "1008" in refused["connect_error"] and WRONG_KEY_REASON in refused["connect_error"]
+    for reply, obs in zip(from_json(right["replies"]), observations, strict=True):
+        assert_reply_answers(reply, obs)
+
+
+@pytest.mark.parametrize(
+    "host, api_key, warns",
+    [("127.0.0.1", None, False), ("localhost", None, False), ("::1", None, False), ("127.0.0.2", None, False),
+     ("0.0.0.0", None, True), ("::", None, True), ("192.168.1.20", None, True), ("robot-host", None, True),
+     ("0.0.0.0", "s3cret", False)],
+)
+def test_exposure_warning_for_servers_reachable_from_elsewhere_without_a_key(host, api_key, warns):
+    warning = exposure_warning(host, 8000, api_key)
+    if warns:
+        assert warning == (f"serving on {host}:8000 without an API key: anyone who can reach this machine can use "
+                           "the policy; set one with --api-key or PI_BUILD_API_KEY (openpi-client: api_key=KEY)")
+    else:
+        assert warning is None
+
+
+@pytest.mark.parametrize("api_key", [None, "s3cret"])
+def test_serving_on_all_interfaces_warns_without_a_key(api_key, caplog):
+    port = free_port()
+    ready, stop = threading.Event(), threading.Event()
+    thread = threading.Thread(target=serve, args=(fake_policy,), daemon=True,
+                              kwargs=dict(host="0.0.0.0", port=port, metadata=METADATA, api_key=api_key,
+                                          ready=ready, stop=stop))
+    with caplog.at_level("WARNING", logger="pi_build.runtime.serve"):
+        thread.start()
+        try:
+            assert ready.wait(TIMEOUT_S)
+        finally:
+            stop.set()  # listen on every interface no longer than needed
+            thread.join(TIMEOUT_S)
+    assert not thread.is_alive()
+    warned = [r.getMessage() for r in caplog.records if "without an API key" in r.getMessage()]
+    assert warned == ([f"serving on 0.0.0.0:{port} without an API key: anyone who can reach this machine can use "
+                       "the policy; set one with --api-key or PI_BUILD_API_KEY (openpi-client: api_key=KEY)"]
+                      if api_key is None else [])
+
+
+LONG_PROMPT = "pick up the black bowl and place it on the plate, " * 2000  # 100 000 characters
+
+
+@pytest.mark.slow
+def test_an_over_long_prompt_is_refused_never_cut(workspace, openpi_client_python, tmp_path):
+    """The engines take 200 tokens: a 100 000-character prompt is refused with an error that our client and
+    openpi's client both show, and the server goes on serving."""
+    from pi_build.transforms.libero import load_recorded_observations
+    from pi_build.errors import InputError
+    from pi_build.runtime.policy import load_policy
+    from pi_build.runtime.pipeline import load_pipeline
+    from pi_build.recipe import load_recipe
+
+    assert len(LONG_PROMPT) == 100_000
+    policy = load_policy(load_pipeline(workspace["engines"], load_recipe(workspace["recipe"]), "cpu"))
+    obs = load_recorded_observations()[0]
+    request = {k: obs[k] for k in ("observation/image", "observation/wrist_image", "observation/state")}
+    n_tokens = len(policy.transforms.tokenizer.token_ids(LONG_PROMPT))
+    message = (f"prompt too long: its 100000 characters make {n_tokens} tokens, more than the 200 these engines "
+               "take (recipe model.prompt_len); send a shorter prompt")
+    with pytest.raises(InputError) as raised:
+        policy({**request, "prompt": LONG_PROMPT})
+    assert str(raised.value) == message
+
+    np.savez(tmp_path / "long.npz", image=request["observation/image"][None],
+             wrist_image=request["observation/wrist_image"][None], state=request["observation/state"][None],
+             prompt=np.array([LONG_PROMPT]))
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    with running_server(policy) as port:
+        texts, code, reason = send_and_collect_error(port, pack({**request, "prompt": LONG_PROMPT}))
+        assert code == 1011 and texts == [f"bad request: {message}"]
+        assert reason == f"bad request: {message}"[:123]
+        result = subprocess.run([str(openpi_client_python), str(REPO / "scripts" / "openpi_client_check.py"),
+                                 "--host", "127.0.0.1", "--port", str(port), "--observations", str(tmp_path / "long.npz")],
+                                capture_output=True, text=True, timeout=60, env=env)
+        assert result.returncode == 0, result.stderr
+        (openpi_reply,) = json.loads(result.stdout)["replies"]
+        assert openpi_reply == {"error": f"Error in inference server:\nbad request: {message}"}
+        with connect(port) as (conn, _):  # and the server carries on
+            reply = infer(conn, {**request, "prompt": obs["prompt"]})
+        assert reply["actions"].shape == (10, 7)

@@ -47,3 +47,7 @@ class OnnxMismatchError(PiBuildError, AssertionError):
 
 class InputError(PiBuildError, ValueError):
     """An observation, prompt or option value the runtime cannot take (too long a prompt, an unknown task...)."""
+
+
+class ServeError(PiBuildError, OSError):
+    """The policy server cannot listen where it was asked (port in use, address not on this machine...)."""

@@ -33,7 +33,7 @@ from typing import Any
 
 from pi_build.artifacts.manifest import FORMAT_VERSION, Manifest, manifest_hash
 from pi_build.errors import ArtifactError
-from pi_build.io import copy_and_hash, fsync_dir, sha256_file, to_json
+from pi_build.io import copy_and_hash, fsync_dir, sha256_file, write_json
 from pi_build.spec import COMPONENTS
 
 # Stage outputs that are not engines land beside them: ONNX exports, FP8 scales, the captured pipeline.
@@ -159,17 +159,11 @@ def _highest_version(parent: Path) -> int:
     return max(numbers, default=0)
 
 
-# The two writers inside the folder being assembled; tests replace them to simulate failures.
+# The two writers of the folder being assembled (names tests replace to simulate failures).
 _copy_and_hash = copy_and_hash
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Inside the temporary folder: the folder's rename, not this write, makes the artifact appear."""
-    with open(path, "w") as f:
-        f.write(to_json(data))
-        f.flush()
-        os.fsync(f.fileno())
-
+_write_json = write_json
 
 
 # ----------------------------------------------------------------------------- reading

@@ -126,7 +126,7 @@ def build_engine(onnx_path: Path, out_path: Path, *, precision: str, workspace_g
     """Build a TensorRT engine for the fixed shapes of ``onnx_path`` and write it atomically to ``out_path``.
 
     precision: "fp32" (TF32 off, so fp32 means fp32), "fp16" / "bf16" (strongly typed when the graph
-    is already in that dtype, else TensorRT 10's weakly typed flag), "fp8" (the graph must carry
+    is already in that dtype, else TensorRT 10's weakly typed flag), FP8 (the graph must carry
     FP8 Q/DQ nodes; strongly typed). workspace_gb caps the builder's scratch memory.
     """
     onnx_path, out_path = Path(onnx_path), Path(out_path)

@@ -14,62 +14,6 @@ from pi_build.cli.common import DebugOpt, EnginesOpt, RecipeOpt, console, handle
 from pi_build.errors import InputError
 
 app = typer.Typer(help="Run pi0 / pi0.5 policies from checkpoints or built engines.", no_args_is_help=True)
-MODEL_LEVEL_KEYS = {"images", "image_masks", "tokens", "token_masks", "state", "noise"}
-RAW_KEYS = {"observation/image", "observation/wrist_image", "observation/state", "prompt"}
-
-
-# ----------------------------------------------------------------------------- predict
-
-
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    except (OSError, ValueError) as exc:
-        raise typer.BadParameter(f"cannot read {path} as .npz (pickled objects are refused): {exc}") from exc
-
-
-def _model_level_inputs(arrays: dict[str, np.ndarray], cfg, path: Path):
-    """Check and convert the model-level keys; errors name the key, the shape and the file."""
-    import torch
-
-    from pi_build.model.pi0 import ModelInputs
-
-    unknown = set(arrays) - MODEL_LEVEL_KEYS
-    if unknown:
-        raise typer.BadParameter(f"{path}: unknown keys {sorted(unknown)}; model-level inputs take {sorted(MODEL_LEVEL_KEYS)}")
-    required = ["images", "image_masks", "tokens", "token_masks"] + ([] if cfg.pi05 else ["state"])
-    for key in required:
-        if key not in arrays:
-            raise typer.BadParameter(f"{path}: missing key {key!r}")
-    images = arrays["images"]
-    if images.ndim != 5 or images.shape[2:] != (3, 224, 224):
-        raise typer.BadParameter(f"{path}: 'images' must be [B, C, 3, 224, 224], got {list(images.shape)}")
-    b, c = images.shape[:2]
-    expect = {"image_masks": (b, c), "tokens": (b, None), "token_masks": (b, arrays["tokens"].shape[-1])}
-    if "state" in arrays:
-        expect["state"] = (b, cfg.action_dim)
-    if "noise" in arrays:
-        expect["noise"] = (b, None, cfg.action_dim)
-    for key, shape in expect.items():
-        got = arrays[key].shape
-        if len(got) != len(shape) or any(s is not None and s != g for s, g in zip(shape, got)):
-            raise typer.BadParameter(f"{path}: {key!r} has shape {list(got)}, expected {[s if s is not None else '*' for s in shape]}")
-    for key in ("images", "state", "noise"):
-        if key in arrays and not np.isfinite(arrays[key]).all():
-            raise typer.BadParameter(f"{path}: {key!r} holds NaN or inf")
-    if arrays["tokens"].max(initial=0) >= cfg.vocab_size or arrays["tokens"].min(initial=0) < 0:
-        raise typer.BadParameter(f"{path}: 'tokens' out of the vocabulary range [0, {cfg.vocab_size})")
-    state = arrays.get("state")
-    inputs = ModelInputs(
-        torch.from_numpy(images.astype(np.float32)),
-        torch.from_numpy(arrays["image_masks"].astype(bool)),
-        torch.from_numpy(arrays["tokens"].astype(np.int64)),
-        torch.from_numpy(arrays["token_masks"].astype(bool)),
-        None if state is None else torch.from_numpy(state.astype(np.float32)),
-    )
-    noise = arrays.get("noise")
-    return inputs, None if noise is None else torch.from_numpy(noise.astype(np.float32))
 
 
 @app.callback()
@@ -95,42 +39,17 @@ def predict(
     observation/wrist_image, observation/state, prompt) goes through the LIBERO observation
     pipeline and gives unnormalized actions [1, H, 7].
     """
-    import torch
-
-    from pi_build.model.checkpoints import load_checkpoint
+    from pi_build.io import atomic_path
+    from pi_build.runtime.predict import predict_actions
 
     if dtype not in ("float32", "bfloat16"):
         raise typer.BadParameter(f"--dtype must be float32 or bfloat16, got {dtype!r}")
-    arrays = _read_npz(inputs)
-    raw = bool(RAW_KEYS & set(arrays))
-    model, info = load_checkpoint(checkpoint, dtype=getattr(torch, dtype), device=device)
-    cfg = model.cfg
-    if raw:
-        from pi_build.transforms.libero import checkpoint_transforms
-
-        obs = {k: (str(v) if k == "prompt" else v) for k, v in arrays.items()}
-        transforms = checkpoint_transforms(info.path, cfg)
-        try:
-            model_inputs, noise = transforms.inputs(obs), None
-        except (KeyError, ValueError, TypeError) as e:  # the observation's own problem: say which
-            raise InputError(f"{inputs}: not a usable LIBERO observation: {str(e).strip(chr(39))}") from None
-    else:
-        model_inputs, noise = _model_level_inputs(arrays, cfg, inputs)
-    if noise is not None and noise.shape[1] != cfg.action_horizon:
-        model.cfg = cfg = cfg.replace(action_horizon=noise.shape[1])
-    if noise is None:
-        generator = torch.Generator().manual_seed(seed)
-        noise = torch.randn(model_inputs.batch_size, cfg.action_horizon, cfg.action_dim, generator=generator)
-    if model_inputs.state is None:
-        model_inputs.state = torch.zeros(model_inputs.batch_size, cfg.action_dim)  # pi0.5 does not read it
-    actions = model.sample(model_inputs.to(device), noise.to(device), steps).float().cpu().numpy()
-    if raw:
-        actions = transforms.outputs(actions, obs)
+    actions, info = predict_actions(checkpoint, inputs, steps=steps, dtype=dtype, device=device, seed=seed)
     if out is not None:
-        np.save(out, actions)
+        with atomic_path(out) as tmp, open(tmp, "wb") as f:
+            np.save(f, actions)
     np.set_printoptions(precision=4, suppress=True, linewidth=120)
-    console.print(f"{info.config.name} ({'lerobot' if info.layout == 'lerobot' else 'openpi'} layout), {steps} steps, "
-                  f"actions {list(actions.shape)}")
+    console.print(f"{info.config.name} ({info.layout} layout), {steps} steps, actions {list(actions.shape)}")
     print(actions[0][: min(5, actions.shape[1])])
 
 
@@ -151,12 +70,14 @@ def _recipe(recipe: Path | None, model_id: str | None, engines: Path, steps: int
     return loaded.with_component(Component.DENOISE, steps=steps) if steps is not None else loaded
 
 
-def _pipeline(recipe, engines: Path):
-    from pi_build.runtime.pipeline import load_pipeline, resolve_device
+def _pipelines(recipe, engines: Path):
+    """The recipe's engines, one pipeline per batch size it names; start-up prints what was chosen."""
+    from pi_build.runtime.pipeline import load_pipelines
 
-    pipeline = load_pipeline(engines, recipe, resolve_device(recipe.model.device))
-    console.print(f"{recipe.name} on {pipeline.device}: {pipeline.describe()}", soft_wrap=True)
-    return pipeline
+    pipelines = load_pipelines(engines, recipe)
+    for pipeline in pipelines:
+        console.print(f"{recipe.name} on {pipeline.device}, batch {pipeline.batch}: {pipeline.describe()}", soft_wrap=True)
+    return pipelines
 
 
 ModelIdOpt = Annotated[Optional[str], typer.Option("--model-id", help="run the recipe recorded in this model's newest engines (no recipe file needed)")]
@@ -240,7 +161,7 @@ def libero(
     if task_ids is not None and (bad := [t for t in task_ids if not 0 <= t < n_available]):
         raise typer.BadParameter(f"task {bad[0]} is out of range: {suite} has tasks 0-{n_available - 1}", param_hint="--tasks")
     folder = artifacts.engines_dir(engines)
-    policy = load_policy(_pipeline(_recipe(recipe, model_id, folder, steps, device), folder))
+    policy = load_policy(_pipelines(_recipe(recipe, model_id, folder, steps, device), folder))
     out = out or Path("runs") / "libero" / f"{suite}-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
     timings: list[dict] = []
 
@@ -281,19 +202,32 @@ def serve(
     host: Annotated[str, typer.Option("--host", help="0.0.0.0 to accept remote robots")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8000,
     device: DeviceOpt = "auto",
+    max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="most requests of concurrent clients run as "
+                                           "one batch (at most the engines' largest batch size)")] = 1,
+    max_wait_ms: Annotated[float, typer.Option("--max-wait-ms", min=0, help="how long a batch may wait for more "
+                                               "requests after its first one arrived")] = 0.0,
+    api_key: Annotated[Optional[str], typer.Option(
+        "--api-key", envvar="PI_BUILD_API_KEY", show_default=False,
+        help="clients must send this key (openpi-client: api_key=KEY); without one, every client that reaches "
+             "the port is served")] = None,
 ) -> None:
     """A websocket policy server speaking openpi's protocol (openpi-client works unchanged)."""
     from pi_build import artifacts
     from pi_build.runtime import serve as server
     from pi_build.runtime.policy import load_policy
 
+    if api_key is not None and not api_key.strip():
+        raise typer.BadParameter("the key is empty: give one, or unset PI_BUILD_API_KEY", param_hint="--api-key")
+    server.check_can_listen(host, port)  # before the engines load, which can take minutes
     folder = artifacts.engines_dir(engines)
-    policy = load_policy(_pipeline(_recipe(recipe, model_id, folder, steps, device), folder))
+    policy = load_policy(_pipelines(_recipe(recipe, model_id, folder, steps, device), folder))
     p = policy.pipeline
     metadata = {"model_id": p.manifests["vision"]["model_id"], "horizon": p.horizon, "steps": p.steps,
-                "cameras": list(p.cameras), "engines": p.versions()}
-    console.print(f"serving on ws://{host}:{port} (GET /healthz); Ctrl-C stops")
-    server.serve(policy, host=host, port=port, metadata=metadata)
+                "cameras": list(p.cameras), "engines": p.versions(), "batch_sizes": list(policy.batch_sizes)}
+    console.print(f"serving on ws://{host}:{port} (GET /healthz, /metrics), batches of up to "
+                  f"{min(max_batch, policy.max_batch)}; Ctrl-C stops")
+    server.serve(policy, host=host, port=port, metadata=metadata, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                 api_key=api_key)
 
 
 if __name__ == "__main__":

@@ -136,7 +136,9 @@ class ModelInputs:
     state: Tensor | None = None
 
     def to(self, device: torch.device | str) -> ModelInputs:
-        return ModelInputs(*(None if t is None else t.to(device) for t in dataclasses.astuple(self)))
+        # Not dataclasses.astuple: it deep-copies every tensor (17 of the 21 ms of preparing a LIBERO request).
+        tensors = (getattr(self, field.name) for field in dataclasses.fields(self))
+        return ModelInputs(*(None if t is None else t.to(device) for t in tensors))
 
     @property
     def batch_size(self) -> int:

@@ -9,8 +9,10 @@ The tokenizer is PaliGemma's sentencepiece model, read from a ``.model`` file th
 ``text`` is the prompt stripped, with '_' and newlines turned into spaces. ``bins`` is the
 *normalized* state (quantile-normalized for pi0.5, not clipped, not padded to 32 dims: openpi's
 TokenizePrompt runs after Normalize and before PadStatesAndActions) put into 256 bins on [-1, 1]
-and written as space-separated integers. Tokens are padded with id 0 (mask False) to ``max_len``,
-or truncated to it with a warning.
+and written as space-separated integers. Tokens are padded with id 0 (mask False) to ``max_len``.
+A longer prompt is truncated with a warning, as openpi does, or refused with an ``InputError``
+when the tokenizer is made with ``truncate=False`` (the runtime's choice: a robot's instruction
+silently cut in half is worse than an error its client sees).
 
 Whether a pi0.5 checkpoint reads the discrete state is a training choice: openpi defaults it to
 on for pi0.5, but its ``pi05_libero`` config turns it off (the state then reaches the model nowhere).
@@ -29,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import sentencepiece
 
+from pi_build.errors import InputError
 from pi_build.io import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -55,7 +58,7 @@ def discretize_state(state: np.ndarray) -> np.ndarray:
 class PromptTokenizer:
     """PaliGemma's sentencepiece model with openpi's prompt formats, padded to ``max_len``."""
 
-    def __init__(self, model_path: str | os.PathLike, max_len: int):
+    def __init__(self, model_path: str | os.PathLike, max_len: int, *, truncate: bool = True):
         path = Path(model_path)
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer model not found: {path} (expected PaliGemma's sentencepiece .model)")
@@ -68,6 +71,7 @@ class PromptTokenizer:
             raise ValueError(f"max_len must be >= 1, got {max_len}")
         self.path = path
         self.max_len = max_len
+        self.truncate = truncate  # False: refuse an over-long prompt instead of cutting it
         self.processor = processor
 
     @property
@@ -89,6 +93,11 @@ class PromptTokenizer:
     def tokenize(self, prompt: str, state: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """int64 tokens [max_len] and bool mask [max_len] (True = real token)."""
         ids = self.token_ids(prompt, state)
+        if len(ids) > self.max_len and not self.truncate:
+            raise InputError(
+                f"prompt too long: its {len(prompt)} characters make {len(ids)} tokens, more than the "
+                f"{self.max_len} these engines take (recipe model.prompt_len); send a shorter prompt"
+            )
         if len(ids) > self.max_len:
             logger.warning(
                 "prompt is %d tokens, more than max_len %d: truncating (raise max_token_len if this is frequent)",
