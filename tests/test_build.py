@@ -47,8 +47,11 @@ def test_build_lands_every_stage_with_manifests(workspace):
     assert vision["source"]["checkpoint"] == "ckpt"  # the folder's name: a build machine's path means nothing elsewhere
     assert kv["outputs"]["k"]["shape"] == [2, 1, 1, 712, 16]  # layers, batch, kv heads, 2*256 + 200, head dim
     pipeline = artifacts.load_artifact(engines / "t" / "pipeline" / "v1").manifest
-    assert pipeline["capture"]["captured"] is False and "no CUDA" in pipeline["capture"]["reason"]
-    assert pipeline["accuracy"]["passed"] and pipeline["accuracy"]["observations"] == "recorded"
+    (shape,) = pipeline["shapes"].values()  # one batch size, one prompt length
+    assert shape["capture"]["captured"] is False and "no CUDA" in shape["capture"]["reason"]
+    assert shape["engines"] == {"vision": "v1", "kvcache": "v1", "denoise": "v1"}
+    assert shape["accuracy"]["passed"] and shape["accuracy"]["observations"] == "generated + recorded"
+    assert pipeline["accuracy"]["cosine"] == shape["accuracy"]["cosine"]
     out = invoke(build_app, ["list", "--engines", engines]).output
     assert "t/vision/v1" in out and "t/pipeline/v1" in out
 
@@ -209,8 +212,11 @@ def test_bench_cpu_table_and_json(workspace, tmp_path):
                               "--iters", "3", "--warmup", "1", "--json", out, "--png", png])
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
-    assert list(data["steps"]) == ["2"]  # no --steps: the step counts built for the recipe
-    entry = data["steps"]["2"]
+    (entry,) = data["runs"]
+    assert (entry["steps"], entry["batch"]) == (2, 1)  # no --steps: the step counts built for the recipe
+    # no --prompt-len: a LIBERO instruction's token count, on the (only) 200-token bucket
+    assert 5 < entry["prompt_tokens"] < 200 and entry["bucket"] == 200
+    assert entry["throughput_per_s"] == pytest.approx(1e3 / entry["engines"]["end_to_end"]["p50"])
     engines, reference = entry["engines"], entry["reference"]
     for stats in (engines, reference):
         assert all(stats[row]["count"] == (3 if stats is engines else 5) for row in ("vision", "kvcache", "denoise"))

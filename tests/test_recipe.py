@@ -49,7 +49,7 @@ def test_pi05_libero_recipe():
     r = load_recipe(RECIPES / "pi05_libero.toml")
     assert r.name == "pi05_libero"
     m = r.model
-    assert (m.checkpoint, m.config, m.device, m.batch) == ("checkpoints/pi05_libero", "pi05", "cuda", 1)
+    assert (m.checkpoint, m.config, m.device, m.batch) == ("checkpoints/pi05_libero", "pi05", "cuda", (1,))
     assert m.cameras == ("base_0_rgb", "left_wrist_0_rgb") and m.masked_cameras == ("right_wrist_0_rgb",)
     # openpi's pi05_libero: 200 tokens (pi0.5's max_token_len), action_horizon 10.
     assert (m.prompt_len, m.horizon) == (CONFIGS["pi05"].max_token_len, 10) == (200, 10)
@@ -85,11 +85,20 @@ def test_tiny_recipe():
 
 def test_defaults_for_omitted_fields(tmp_path):
     r = load_recipe(write(tmp_path, MINIMAL))
-    assert (r.model.config, r.model.masked_cameras, r.model.batch, r.model.device) == (None, (), 1, "auto")
+    assert (r.model.config, r.model.masked_cameras, r.model.batch, r.model.device) == (None, (), (1,), "auto")
+    assert r.model.prompt_buckets is None and r.model.prompt_lengths == (48,)
     assert (r.vision.backend, r.vision.precision, r.denoise.steps) == ("inductor", "bf16", 10)
     assert r.quantize.calibration == "generated"
     assert "action_out" in r.quantize.keep_high_precision
     assert r.actions_gate() == r.gates.actions.bf16
+
+
+def test_batch_sizes_and_prompt_buckets(tmp_path):
+    r = load_recipe(write(tmp_path, MINIMAL.replace("horizon = 50", "horizon = 50\nbatch = [16, 1, 4]\nprompt_buckets = [32, 8]")))
+    assert r.model.batch == (1, 4, 16) and r.model.prompt_buckets == (8, 32) and r.model.prompt_lengths == (8, 32, 48)
+    assert "prompt_buckets" in error_of(tmp_path, MINIMAL.replace("horizon = 50", "horizon = 50\nprompt_buckets = [64]"))
+    assert "twice" in error_of(tmp_path, MINIMAL.replace("horizon = 50", "horizon = 50\nbatch = [4, 4]"))
+    assert "model.batch: must be >= 1" in error_of(tmp_path, MINIMAL.replace("horizon = 50", "horizon = 50\nbatch = [1, 0]"))
 
 
 def test_partial_gate_keeps_other_default(tmp_path):
@@ -181,7 +190,7 @@ def test_invalid_toml_and_missing_file(tmp_path):
 
 def test_overrides_replace_values():
     r = load_recipe(RECIPES / "pi05_libero.toml", {"denoise.steps": 3, "vision.precision": "fp8", "model.batch": 2})
-    assert (r.denoise.steps, r.vision.precision, r.model.batch) == (3, "fp8", 2)
+    assert (r.denoise.steps, r.vision.precision, r.model.batch) == (3, "fp8", (2,))
     assert r.kvcache.precision == "fp8" and r.denoise.precision == "bf16"  # untouched
 
 

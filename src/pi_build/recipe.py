@@ -25,9 +25,10 @@ Fields, with the defaults used when a field (or its whole section) is left out. 
 | model.config | none | a name from ``pi_build.model.pi0.CONFIGS``; none = infer from the checkpoint |
 | model.cameras | required | cameras fed to the model, a subset of base_0_rgb, left_wrist_0_rgb, right_wrist_0_rgb in that (trained) order |
 | model.masked_cameras | [] | cameras present in observations but always masked: dropped from the engines, which is exact |
-| model.prompt_len | required | token count the prompt is padded to |
+| model.prompt_len | required | the most prompt tokens the engines take (the tokenizer pads to it) |
+| model.prompt_buckets | [prompt_len] | prompt lengths the prefix and denoise engines are built for: the runtime runs the smallest that holds a prompt (the padding beyond it is dropped, which is exact); prompt_len is always one |
 | model.horizon | required | actions per chunk |
-| model.batch | 1 | batch size the engines are built for |
+| model.batch | 1 | batch size(s) the engines are built for: 1, or a list such as [1, 4, 16]; the runtime runs the smallest that holds the waiting requests |
 | model.device | "auto" | auto (cuda if present, else cpu), cuda or cpu |
 | vision / kvcache / denoise .backend | "inductor" | inductor (AOTInductor .pt2), tensorrt or eager |
 | vision / kvcache / denoise .precision | "bf16" | fp32, bf16 or fp8 |
@@ -123,6 +124,20 @@ def _choice(enum: type) -> Any:
 
 
 Count = Annotated[int, BeforeValidator(_integer), AfterValidator(_at_least_one)]
+
+
+def _counts(value: Any) -> Any:
+    """One count or a list of them -> a sorted tuple of distinct counts >= 1."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not values:
+        raise ValueError("needs at least one value")
+    counts = [_at_least_one(_integer(v)) for v in values]
+    if len(set(counts)) != len(counts):
+        raise ValueError(f"lists a value twice: {counts}")
+    return tuple(sorted(counts))
+
+
+Counts = Annotated[tuple[int, ...], BeforeValidator(_counts)]
 Text = Annotated[str, Field(min_length=1)]
 Cameras = Annotated[tuple[Camera, ...], BeforeValidator(_camera_list)]
 Names = Annotated[tuple[str, ...], BeforeValidator(_names)]
@@ -142,8 +157,14 @@ class ModelSpec(_Section):
     horizon: Count
     config: Text | None = None
     masked_cameras: Annotated[tuple[Camera, ...], BeforeValidator(_camera_list)] = ()
-    batch: Count = 1
+    prompt_buckets: Counts | None = None
+    batch: Counts = (1,)
     device: Annotated[Device, _choice(Device)] = Device.AUTO
+
+    @property
+    def prompt_lengths(self) -> tuple[int, ...]:
+        """The prompt lengths engines are built for: the buckets and prompt_len, ascending."""
+        return tuple(sorted(set(self.prompt_buckets or ()) | {self.prompt_len}))
 
     @pydantic.field_validator("cameras")
     @classmethod
@@ -433,6 +454,8 @@ def _check_across_fields(recipe: Recipe, origin: _Origin) -> None:
     if both := [c.value for c in m.cameras if c in m.masked_cameras]:
         blamed, other = ("cameras", "masked_cameras") if origin.is_overridden("model.cameras") else ("masked_cameras", "cameras")
         raise origin.error(f"model.{blamed}", f"{', '.join(both)} also listed in model.{other}")
+    if m.prompt_buckets and max(m.prompt_buckets) > m.prompt_len:
+        raise origin.error("model.prompt_buckets", f"{max(m.prompt_buckets)} is longer than model.prompt_len {m.prompt_len}")
     for component in Component:
         if recipe.component(component).backend == Backend.TENSORRT and m.device == Device.CPU:
             raise origin.error(f"{component}.backend", "tensorrt needs a CUDA device, but model.device is 'cpu'")

@@ -24,8 +24,10 @@ LINKS = (
     (Component.VISION, Component.KVCACHE, ("image_tokens",)),
     (Component.KVCACHE, Component.DENOISE, ("k", "v", "prefix_mask")),
 )
-# Recipe fields (manifest["recipe"]["model"]) that all components of one pipeline must share.
-SHARED_MODEL_FIELDS = ("batch", "horizon", "prompt_len", "cameras")
+# The shape fields (manifest top level) that all components of one pipeline must share; the prompt
+# length only the two that see the prompt (vision is built once for every prompt bucket).
+SHARED_SHAPE_FIELDS = ("batch", "horizon", "cameras")
+PROMPT_COMPONENTS = (Component.KVCACHE, Component.DENOISE)
 # The packages an engine of each backend is tied to: another version may not load it, or may
 # load it and compute something else. Eager artifacts are weights for plain PyTorch code.
 TOOLCHAIN_BY_BACKEND = {"inductor": ("torch",), "tensorrt": ("tensorrt",), "eager": ()}
@@ -68,11 +70,12 @@ def _check_same_weights(artifacts: dict[str, Artifact]) -> None:
 
 
 def _check_shared_fields(artifacts: dict[str, Artifact]) -> None:
-    for name in SHARED_MODEL_FIELDS:
-        values = {str(a): _field(a, "recipe", "model", name) for a in artifacts.values()}
+    for name in SHARED_SHAPE_FIELDS + ("prompt_len",):
+        sharing = [a for c, a in artifacts.items() if name != "prompt_len" or c in PROMPT_COMPONENTS]
+        values = {str(a): _field(a, name) for a in sharing}
         if len({json.dumps(v) for v in values.values()}) > 1:
             listed = ", ".join(f"{a} has {v}" for a, v in values.items())
-            raise ArtifactError(f"components disagree on model.{name}: {listed}")
+            raise ArtifactError(f"components disagree on {name}: {listed}")
 
 
 def _check_links(artifacts: dict[str, Artifact]) -> None:
@@ -120,11 +123,11 @@ def _check_toolchain(artifact: Artifact, toolchain: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- engines for a recipe
 
 
-def mismatches(artifact: Artifact, recipe: Any, component: Component, *, device: dict[str, Any] | None,
-               toolchain: dict[str, Any]) -> list[str]:
-    """Why an engine is not the one ``recipe`` asks for, or cannot run here (empty: it fits)."""
+def mismatches(artifact: Artifact, recipe: Any, component: Component, *, batch: int, prompt_len: int,
+               device: dict[str, Any] | None, toolchain: dict[str, Any]) -> list[str]:
+    """Why an engine is not the one ``recipe`` asks for at one shape (batch size, prompt length), or
+    cannot run here (empty: it fits)."""
     m, wanted = artifact.manifest, recipe.component(component)
-    built_model = m.get("recipe", {}).get("model", {})
     reasons = []
     if m.get("stage") != Stage.COMPILE:
         reasons.append(f"it is a {m.get('stage')} output, not an engine")
@@ -134,10 +137,12 @@ def mismatches(artifact: Artifact, recipe: Any, component: Component, *, device:
         reasons.append(f"precision {m.get('precision')} (the recipe asks for {wanted.precision})")
     if component == Component.DENOISE and m.get("steps") != recipe.denoise.steps:
         reasons.append(f"built for {m.get('steps')} steps (asked: {recipe.denoise.steps})")
-    model = recipe.model.model_dump(mode="json")
-    for name in SHARED_MODEL_FIELDS:
-        if built_model.get(name) != model[name]:
-            reasons.append(f"model.{name} {built_model.get(name)} (the recipe has {model[name]})")
+    asked = {"batch": batch, "horizon": recipe.model.horizon, "cameras": [str(c) for c in recipe.model.cameras]}
+    if component in PROMPT_COMPONENTS:
+        asked["prompt_len"] = prompt_len
+    for name, value in asked.items():
+        if m.get(name) != value:
+            reasons.append(f"{name} {m.get(name)} (asked: {value})")
     # The runtime never reads the checkpoint, so the weights are known by the checkpoint folder's
     # name, recorded at build time: the folder may move (to another machine, or nowhere), not change.
     built_from, named = m.get("source", {}).get("checkpoint"), Path(recipe.model.checkpoint).name
@@ -159,20 +164,22 @@ def mismatches(artifact: Artifact, recipe: Any, component: Component, *, device:
     return reasons
 
 
-def select_engines(engines: Path, recipe: Any, *, device: dict[str, Any] | None, toolchain: dict[str, Any],
-                   build_command: Callable[[Component], str]) -> dict[Component, Artifact]:
-    """The newest engine of each component that fits ``recipe`` and runs here, all from one set of weights.
+def select_engines(engines: Path, recipe: Any, *, batch: int, prompt_len: int, device: dict[str, Any] | None,
+                   toolchain: dict[str, Any], build_command: Callable[[Component], str]) -> dict[Component, Artifact]:
+    """The newest engine of each component that fits ``recipe`` at one shape (batch size, prompt
+    length) and runs here, all three from one set of weights.
 
     ``build_command(component)`` is the command a user types to build a missing one (it goes into
     the error message).
     """
     fitting: dict[Component, list[Artifact]] = {}
+    shape = {"batch": batch, "prompt_len": prompt_len, "device": device, "toolchain": toolchain}
     for component in Component:
         refused: list[str] = []
         candidates = artifacts_of(engines, recipe.name, component, refused)
-        fitting[component] = [a for a in candidates if not mismatches(a, recipe, component, device=device, toolchain=toolchain)]
+        fitting[component] = [a for a in candidates if not mismatches(a, recipe, component, **shape)]
         if not fitting[component]:
-            raise ArtifactError(_missing(engines, recipe, component, candidates, refused, device, toolchain, build_command))
+            raise ArtifactError(_missing(engines, recipe, component, candidates, refused, shape, build_command))
     # One set of weights for all three: the one whose newest fitting engine is the most recent.
     weights_of = lambda a: a.manifest.get("source", {}).get("weights_sha256")  # noqa: E731
     complete = set.intersection(*({weights_of(a) for a in arts} for arts in fitting.values()))
@@ -188,12 +195,16 @@ def select_engines(engines: Path, recipe: Any, *, device: dict[str, Any] | None,
 
 
 def _missing(engines: Path, recipe: Any, component: Component, candidates: list[Artifact], refused: list[str],
-             device: dict[str, Any] | None, toolchain: dict[str, Any], build_command: Callable[[Component], str]) -> str:
+             shape: dict[str, Any], build_command: Callable[[Component], str]) -> str:
     wanted = recipe.component(component)
     what = f"{wanted.precision}, {wanted.backend}" + (f", {recipe.denoise.steps} steps" if component == Component.DENOISE else "")
+    if len(recipe.model.batch) > 1:
+        what += f", batch {shape['batch']}"
+    if len(recipe.model.prompt_lengths) > 1 and component in PROMPT_COMPONENTS:
+        what += f", prompt {shape['prompt_len']}"
     message = f"no {component} engine ({what}) of model {recipe.name!r} under {engines} fits the recipe"
     if candidates:
-        reasons = mismatches(candidates[0], recipe, component, device=device, toolchain=toolchain)
+        reasons = mismatches(candidates[0], recipe, component, **shape)
         message += f"; the newest, {candidates[0].version}, has {'; '.join(reasons)}"
     elif refused:
         message += f"; {refused[0]}"

@@ -24,12 +24,11 @@ from pi_build.spec import Component
 from pi_build.transforms.libero import checkpoint_transforms, load_recorded_observations
 
 
-def observation_batches(reference: Reference, recipe: Recipe, source: str, samples: int) -> Iterator[ModelInputs]:
-    """``samples`` batches of model inputs (all three cameras) from raw observations: the recorded
-    LIBERO ones ("recorded") or an .npz of the same layout, through the checkpoint's transforms."""
+def observation_batches(reference: Reference, source: str, samples: int, batch: int = 1) -> Iterator[ModelInputs]:
+    """``samples`` batches of ``batch`` model inputs (all three cameras) from raw observations: the
+    recorded LIBERO ones ("recorded") or an .npz of the same layout, through the checkpoint's transforms."""
     transforms = checkpoint_transforms(reference.checkpoint, reference.model.cfg)
     observations = load_recorded_observations(None if source == "recorded" else Path(source))
-    batch = recipe.model.batch
     for i in range(samples):
         chunk = [observations[(i * batch + j) % len(observations)] for j in range(batch)]
         yield transforms.inputs(chunk, device=reference.device)
@@ -44,7 +43,7 @@ def calibration_batches(reference: Reference, recipe: Recipe, component: Compone
         return [tuple(t.to(reference.device) for t in probe.example_inputs(torch.Generator().manual_seed(1000 + i)))
                 for i in range(samples)]
     batches = []
-    for inputs in observation_batches(reference, recipe, source, samples):
+    for inputs in observation_batches(reference, source, samples):
         images, image_masks = select_cameras(recipe.model.cameras, inputs.images, inputs.image_masks)
         batches += engine.calibration_inputs(reference.model, component, images, image_masks, inputs.tokens,
                                              inputs.token_masks, inputs.state, recipe.denoise.steps, recipe.model.horizon)

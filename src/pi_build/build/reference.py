@@ -27,11 +27,11 @@ class Reference:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def shapes(self, recipe: Recipe) -> Shapes:
-        """The fixed shapes the recipe's engines are built for; the tensors passed between engines
-        are in their producer's compute dtype."""
+    def shapes(self, recipe: Recipe, batch: int | None = None, prompt_len: int | None = None) -> Shapes:
+        """The fixed shapes of one of the recipe's engines (default: its smallest batch size and its
+        full prompt length); the tensors passed between engines are in their producer's compute dtype."""
         m, device = recipe.model, self.device.type
-        return Shapes(batch=m.batch, cameras=len(m.cameras), prompt_len=m.prompt_len, horizon=m.horizon,
+        return Shapes(batch=batch or min(m.batch), cameras=len(m.cameras), prompt_len=prompt_len or m.prompt_len, horizon=m.horizon,
                       steps=recipe.denoise.steps, image_token_dtype=compute_dtype(recipe.vision.precision, device),
                       kv_dtype=compute_dtype(recipe.kvcache.precision, device))
 

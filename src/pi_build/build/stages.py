@@ -32,9 +32,10 @@ from pi_build.io import write_json
 from pi_build.model.checkpoints import read_assets
 from pi_build.model.pi0 import ModelInputs
 from pi_build.recipe import Recipe, recipe_hash
-from pi_build.runtime.pipeline import Pipeline, load_pipeline, select_cameras
+from pi_build.engine.layers import Shapes
+from pi_build.runtime.pipeline import Pipeline, load_pipelines, select_cameras
 from pi_build.runtime.policy import NORM_STATS_FILE, TOKENIZER_FILE
-from pi_build.spec import Backend, Component, Precision, Stage
+from pi_build.spec import Backend, Component, Gate, Precision, Stage
 
 Log = Callable[[str], None]
 
@@ -43,8 +44,16 @@ def _io_spec(names: tuple[str, ...], tensors: tuple[Tensor, ...]) -> dict[str, d
     return {n: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for n, t in zip(names, tensors)}
 
 
-def _manifest(reference: Reference, recipe: Recipe, component: Component | None, stage: Stage, extra: dict[str, Any]) -> dict[str, Any]:
-    """What every artifact of a stage records, plus the stage's own ``extra``."""
+def engine_shapes(recipe: Recipe, component: Component) -> list[tuple[int, int]]:
+    """(batch, prompt_len) of each engine a component is built as: one per batch size and prompt
+    bucket (vision never sees the prompt: one per batch size)."""
+    lengths = (recipe.model.prompt_len,) if component == Component.VISION else recipe.model.prompt_lengths
+    return [(batch, length) for batch in recipe.model.batch for length in lengths]
+
+
+def _manifest(reference: Reference, recipe: Recipe, component: Component | None, stage: Stage, extra: dict[str, Any],
+              batch: int | None = None, prompt_len: int | None = None) -> dict[str, Any]:
+    """What every artifact of a stage records (the shape it was built for among them), plus the stage's own ``extra``."""
     spec = recipe.component(component) if component is not None else None
     m = recipe.model
     return {
@@ -52,9 +61,9 @@ def _manifest(reference: Reference, recipe: Recipe, component: Component | None,
         "backend": spec.backend if spec else None,
         "precision": spec.precision if spec else None,
         "steps": recipe.denoise.steps,
-        "batch": m.batch,
+        "batch": batch or min(m.batch),
         "horizon": m.horizon,
-        "prompt_len": m.prompt_len,
+        "prompt_len": prompt_len or m.prompt_len,
         "cameras": list(m.cameras),
         "source": reference.source,
         "recipe": recipe.to_dict(),
@@ -77,7 +86,8 @@ def _inputs(module: nn.Module, seed: int, device: torch.device) -> tuple[Tensor,
 # ----------------------------------------------------------------------------- modules
 
 
-def component_module(reference: Reference, recipe: Recipe, component: Component, scales: Scales | None) -> tuple[nn.Module, dict | None]:
+def component_module(reference: Reference, recipe: Recipe, component: Component, scales: Scales | None,
+                     shapes: Shapes) -> tuple[nn.Module, dict | None]:
     """The component in its recipe precision, FP8 linears made from ``scales``; a denoise step
     compiled by Inductor on a GPU uses pi-build's Triton kernels. Returns the module and what was
     switched to the kernels (None: nothing)."""
@@ -85,7 +95,7 @@ def component_module(reference: Reference, recipe: Recipe, component: Component,
     from pi_build.engine.fp8 import apply_fp8
 
     spec = recipe.component(component)
-    module = engine.build_component(reference.model, component, reference.shapes(recipe), spec.precision)
+    module = engine.build_component(reference.model, component, shapes, spec.precision)
     if spec.precision == Precision.FP8:
         module = apply_fp8(module, scales)
     switched = None
@@ -191,9 +201,10 @@ def _asset_files(reference: Reference, component: Component, folder: Path) -> di
     return {}
 
 
-def stage_compile(reference: Reference, recipe: Recipe, component: Component, engines: Path, *,
-                  calibrated: tuple[Scales, dict] | None = None, log: Log = print) -> Path:
-    """Compile the component into an engine, load it back, gate it against the reference, land it.
+def stage_compile(reference: Reference, recipe: Recipe, component: Component, engines: Path, *, batch: int,
+                  prompt_len: int, calibrated: tuple[Scales, dict] | None = None, log: Log = print) -> Path:
+    """Compile the component for one shape into an engine, load it back, gate it against the
+    reference, land it.
 
     An fp8 component takes ``calibrated`` (scales, {path, version}) from a quantize stage of the same
     run, in memory, else the newest recorded scales that fit."""
@@ -202,12 +213,13 @@ def stage_compile(reference: Reference, recipe: Recipe, component: Component, en
     scales, scales_ref = calibrated or (None, None)
     if spec.precision == Precision.FP8 and scales is None:
         scales, scales_ref = _recorded_scales(reference, recipe, component, engines)
-    module, triton_kernels = component_module(reference, recipe, component, scales)
+    module, triton_kernels = component_module(reference, recipe, component, scales, reference.shapes(recipe, batch, prompt_len))
     inputs = _inputs(module, 1, reference.device)
     with torch.no_grad():
         outputs = tuple(module(*inputs)) if component == Component.KVCACHE else (module(*inputs),)
     with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory() as assets_tmp:
-        log(f"  compiling {component} with {spec.backend} ({spec.precision})")
+        log(f"  compiling {component} with {spec.backend} ({spec.precision}, batch {batch}"
+            + (f", prompt {prompt_len})" if component != Component.VISION else ")"))
         engine_info = backends.compile_engine(module, inputs, spec.backend, Path(tmp))
         compile_seconds = time.perf_counter() - t0
         if engine_info["runner"] != "aoti" and spec.backend == Backend.INDUCTOR:
@@ -228,47 +240,51 @@ def stage_compile(reference: Reference, recipe: Recipe, component: Component, en
             "accuracy": report,
             "build_seconds": time.perf_counter() - t0,
             "compile_seconds": compile_seconds,
-        })
+        }, batch, prompt_len)
         files = {name: Path(tmp) / name for name in engine_info["files"]} | assets
         return artifacts.write_artifact(engines, recipe.name, component, files, manifest)
 
 
 @torch.no_grad()
-def end_to_end_check(reference: Reference, recipe: Recipe, pipeline: Pipeline, samples: int = 4) -> dict[str, Any]:
-    """The assembled pipeline's actions against the float32 reference's on recorded observations
-    (generated model inputs where the checkpoint has no tokenizer or norm stats)."""
-    source, cfg = "recorded", reference.model.cfg
+def end_to_end_check(reference: Reference, pipeline: Pipeline, gate: Gate, samples: int = 4) -> dict[str, Any]:
+    """The assembled pipeline's actions against the float32 reference's, on generated inputs of the
+    pipeline's shape and on the recorded LIBERO observations whose prompts fit it (where the
+    checkpoint has a tokenizer and norm stats)."""
+    cfg = reference.model.cfg
+    batches = [pipeline.example_inputs(seed) for seed in range(samples)]
     try:
-        batches: list = list(observation_batches(reference, recipe, source, samples))
+        for i, inputs in enumerate(observation_batches(reference, "recorded", samples, pipeline.batch)):
+            if int(inputs.token_masks.sum(-1).max()) <= pipeline.prompt_len:
+                images, image_masks = select_cameras(pipeline.cameras, inputs.images, inputs.image_masks)
+                noise = torch.randn(pipeline.batch, pipeline.horizon, cfg.action_dim, generator=torch.Generator().manual_seed(i))
+                batches.append((images, image_masks, inputs.tokens, inputs.token_masks, noise.to(reference.device), inputs.state))
     except (PiBuildError, FileNotFoundError, ValueError):
-        source, batches = "generated", [pipeline.example_inputs(seed) for seed in range(samples)]
+        pass  # no tokenizer or norm stats: the generated inputs alone
     draws = []
-    for i, batch in enumerate(batches):
-        if isinstance(batch, ModelInputs):
-            images, image_masks = select_cameras(pipeline.cameras, batch.images, batch.image_masks)
-            g = torch.Generator().manual_seed(i)
-            noise = torch.randn(images.shape[0], pipeline.horizon, cfg.action_dim, generator=g).to(reference.device)
-            batch = (images, image_masks, batch.tokens, batch.token_masks, noise, batch.state)
-        images, image_masks, tokens, token_masks, noise, state = batch
-        actions = pipeline.run(*batch)
+    for images, image_masks, tokens, token_masks, noise, state in batches:
+        actions = pipeline.run(images, image_masks, tokens, token_masks, noise, state)
         expected = reference.model.sample(ModelInputs(images, image_masks, tokens, token_masks, state), noise, pipeline.steps)
         draws.append(accuracy.metrics(actions, expected))
-    report = accuracy.check_gate("actions", accuracy.worst(draws), recipe.actions_gate())
-    return {**report, "observations": source}
+    report = accuracy.check_gate(f"actions (batch {pipeline.batch}, prompt {pipeline.prompt_len})", accuracy.worst(draws), gate)
+    return {**report, "observations": "generated" if len(batches) == samples else "generated + recorded"}
 
 
 def stage_capture(reference: Reference, recipe: Recipe, engines: Path) -> Path:
-    """Load the engines the recipe asks for, capture CUDA graphs (GPU), check actions end to end, record it."""
+    """Load the engines the recipe asks for (every batch size and prompt bucket), capture CUDA graphs
+    (GPU), check actions end to end, record it."""
     t0 = time.perf_counter()
-    pipeline = load_pipeline(engines, recipe, reference.device)
-    capture = pipeline.capture()
-    check = end_to_end_check(reference, recipe, pipeline)
-    latency = pipeline.measure_latency(iters=20)
+    shapes = {}
+    for pipeline in load_pipelines(engines, recipe, reference.device):
+        shapes[pipeline.shape_name] = {
+            "engines": pipeline.versions(),
+            "capture": pipeline.capture(),
+            "accuracy": end_to_end_check(reference, pipeline, recipe.actions_gate()),
+            "latency_ms": pipeline.measure_latency(iters=20),
+        }
+    worst = accuracy.worst([s["accuracy"] for s in shapes.values()])
     manifest = _manifest(reference, recipe, None, Stage.CAPTURE, {
-        "engines": pipeline.versions(),
-        "capture": capture,
-        "latency_ms": latency,
-        "accuracy": check,
+        "shapes": shapes,
+        "accuracy": {**worst, "passed": True, "gate": next(iter(shapes.values()))["accuracy"]["gate"]},
         "build_seconds": time.perf_counter() - t0,
     })
     return artifacts.write_artifact(engines, recipe.name, artifacts.PIPELINE, {}, manifest)
@@ -291,7 +307,9 @@ def build_component_stages(reference: Reference, recipe: Recipe, component: Comp
             calibrated = scales, {"path": str(path), "version": path.name}
             landed.append(path)
         elif stage == Stage.COMPILE:
-            landed.append(stage_compile(reference, recipe, component, engines, calibrated=calibrated, log=log))
+            for batch, prompt_len in engine_shapes(recipe, component):
+                landed.append(stage_compile(reference, recipe, component, engines, batch=batch, prompt_len=prompt_len,
+                                            calibrated=calibrated, log=log))
         else:
             raise ValueError(f"{stage} is not a per-component stage")
     return landed

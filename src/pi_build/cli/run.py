@@ -94,6 +94,8 @@ def bench(
     recipe: RecipeOpt = None,
     engines: EnginesOpt = None,
     steps: Annotated[Optional[str], typer.Option("--steps", help="comma-separated step counts [default: every step count built]")] = None,
+    batch: Annotated[Optional[str], typer.Option("--batch", help="comma-separated batch sizes: adds throughput [default: the recipe's]")] = None,
+    prompt_len: Annotated[Optional[int], typer.Option("--prompt-len", min=1, help="prompt tokens to time [default: a LIBERO instruction's]")] = None,
     iters: Annotated[int, typer.Option("--iters", min=1)] = 50,
     warmup: Annotated[int, typer.Option("--warmup", min=0)] = 10,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="write all figures as JSON")] = None,
@@ -107,9 +109,11 @@ def bench(
     from pi_build.runtime import bench as bench_mod
 
     step_counts = parse_int_list(steps, "--steps")
+    batch_sizes = parse_int_list(batch, "--batch")
     loaded = _recipe(recipe, None, artifacts.engines_dir(engines), None, "auto")
     results = bench_mod.run_bench(loaded, artifacts.engines_dir(engines), step_counts, iters=iters, warmup=warmup,
-                                  graphs=graphs, reference=reference, log=console.print)
+                                  graphs=graphs, reference=reference, batch_sizes=batch_sizes, prompt_tokens=prompt_len,
+                                  log=console.print)
     bench_mod.print_tables(results, console)
     if json_out:
         console.print(f"figures: {write_json(json_out, results)}")

@@ -29,16 +29,27 @@ ROWS = ("vision", "kvcache", "denoise", "denoise_per_step", "end_to_end")
 
 
 def built_step_counts(engines: Path, recipe: Recipe) -> list[int]:
-    """The denoise step counts of the engines that fit the recipe but for their steps."""
+    """The denoise step counts of the engines that fit the recipe (its first shape) but for their steps."""
     device, toolchain = artifacts.device_info(resolve_device(recipe.model.device)), artifacts.toolchain_versions()
+    shape = {"batch": min(recipe.model.batch), "prompt_len": recipe.model.prompt_len, "device": device, "toolchain": toolchain}
     counts = set()
     for art in artifacts.artifacts_of(engines, recipe.name, Component.DENOISE):
         steps = art.manifest.get("steps")
         if isinstance(steps, int) and steps >= 1:
             at_steps = recipe.with_component(Component.DENOISE, steps=steps)
-            if not artifacts.mismatches(art, at_steps, Component.DENOISE, device=device, toolchain=toolchain):
+            if not artifacts.mismatches(art, at_steps, Component.DENOISE, **shape):
                 counts.add(steps)
     return sorted(counts)
+
+
+def libero_prompt_tokens(pipeline: Pipeline) -> int:
+    """How many tokens a LIBERO instruction takes with the engines' own tokenizer (the first recorded
+    observation's): the prompt length a bench times by default."""
+    from pi_build.runtime.policy import transforms_from_engines
+    from pi_build.transforms.libero import load_recorded_observations
+
+    inputs = transforms_from_engines(pipeline).inputs(load_recorded_observations()[0])
+    return int(inputs.token_masks.sum())
 
 
 def _reference_stages(model: PiModel, inputs: ModelInputs, noise: torch.Tensor, steps: int) -> list[timing.Stage]:
@@ -57,9 +68,13 @@ def _reference_stages(model: PiModel, inputs: ModelInputs, noise: torch.Tensor, 
     return [("vision", vision), ("kvcache", kvcache), ("denoise", denoise)]
 
 
-def _reference_inputs(pipeline: Pipeline, seed: int) -> tuple[ModelInputs, torch.Tensor]:
-    """The engines' example inputs laid out for the reference: all three cameras, unused ones masked."""
-    images, image_masks, tokens, token_masks, noise, state = pipeline.example_inputs(seed)
+def _reference_inputs(pipeline: Pipeline, seed: int, prompt_tokens: int) -> tuple[ModelInputs, torch.Tensor]:
+    """The engines' example inputs laid out for the reference: all three cameras, unused ones masked,
+    and the prompt padded to the full length the reference model was configured for."""
+    images, image_masks, tokens, token_masks, noise, state = pipeline.example_inputs(seed, prompt_tokens)
+    # the reference as openpi runs it: the prompt padded to the recipe's full length, whatever the bucket
+    pad = pipeline.manifests[Component.KVCACHE]["recipe"]["model"]["prompt_len"] - tokens.shape[1]
+    tokens, token_masks = torch.nn.functional.pad(tokens, (0, pad)), torch.nn.functional.pad(token_masks, (0, pad))
     b = images.shape[0]
     full = torch.full((b, 3, *images.shape[2:]), -1.0, device=images.device)
     full_masks = torch.zeros(b, 3, dtype=torch.bool, device=images.device)
@@ -88,33 +103,47 @@ def _load_reference(recipe: Recipe, device: torch.device, horizon: int) -> PiMod
 
 
 def run_bench(recipe: Recipe, engines: Path, step_counts: list[int] | None, *, iters: int, warmup: int,
-              graphs: bool, reference: bool, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Every figure of a bench run: per step count, the engines' latency stats, the reference's and the floors."""
+              graphs: bool, reference: bool, batch_sizes: list[int] | None = None, prompt_tokens: int | None = None,
+              log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Every figure of a bench run: per step count and batch size, the engines' latency stats (and
+    throughput), the reference's and the floors, at one prompt length (default: a LIBERO instruction's)
+    run on the smallest prompt bucket that holds it."""
     device = resolve_device(recipe.model.device)
     step_counts = step_counts or built_step_counts(engines, recipe)
     if not step_counts:
         raise InputError(f"no denoise engine of {recipe.name!r} under {engines} fits the recipe at any step count: "
                          f"build one with `pi-build denoise --recipe {recipe.path or '<recipe>'}`")
+    batch_sizes = batch_sizes or list(recipe.model.batch)
+    if prompt_tokens is not None and prompt_tokens > recipe.model.prompt_len:
+        raise InputError(f"--prompt-len {prompt_tokens} is longer than the recipe's model.prompt_len {recipe.model.prompt_len}")
     log(f"measuring GEMM rate and bandwidth on {artifacts.device_info(device).get('name')}")
     ceilings = roofline.measure_ceilings(device)
     results: dict[str, Any] = {"recipe": recipe.name, "device": artifacts.device_info(device), "ceilings": ceilings,
-                               "toolchain": artifacts.toolchain_versions(), "steps": {}}
+                               "toolchain": artifacts.toolchain_versions(), "runs": []}
     ref_model = None
     for steps in step_counts:
-        pipeline = load_pipeline(engines, recipe.with_component(Component.DENOISE, steps=steps), device)
-        capture = pipeline.capture() if graphs else {"captured": False, "reason": "--no-graphs"}
-        log(f"{steps} steps: {pipeline.describe()}; CUDA graphs: {capture.get('captured')}")
-        entry: dict[str, Any] = {"engines": _with_per_step(pipeline.measure_latency(iters=iters, warmup=warmup), steps),
-                                 "capture": capture, "versions": pipeline.versions()}
-        if reference:
-            if ref_model is None:
-                log(f"loading the eager reference from {recipe.model.checkpoint}")
-                ref_model = _load_reference(recipe, device, pipeline.horizon)
-            inputs, noise = _reference_inputs(pipeline, seed=1)
-            stats = timing.measure(_reference_stages(ref_model, inputs, noise, steps), device, iters=max(5, iters // 5), warmup=3)
-            entry["reference"] = _with_per_step(stats, steps)
-        entry["roofline_ms"] = _floors(pipeline, steps, ceilings) if ceilings else None
-        results["steps"][str(steps)] = entry
+        at_steps = recipe.with_component(Component.DENOISE, steps=steps)
+        for batch in batch_sizes:
+            if prompt_tokens is None:
+                prompt_tokens = libero_prompt_tokens(load_pipeline(engines, at_steps, device, batch=batch))
+            bucket = next(length for length in recipe.model.prompt_lengths if length >= prompt_tokens)
+            pipeline = load_pipeline(engines, at_steps, device, batch=batch, prompt_len=bucket)
+            capture = pipeline.capture() if graphs else {"captured": False, "reason": "--no-graphs"}
+            log(f"{steps} steps, batch {batch}, a {prompt_tokens}-token prompt on the {bucket}-token bucket: "
+                f"{pipeline.describe()}; CUDA graphs: {capture.get('captured')}")
+            stats = _with_per_step(pipeline.measure_latency(iters=iters, warmup=warmup, prompt_tokens=prompt_tokens), steps)
+            entry: dict[str, Any] = {"steps": steps, "batch": batch, "prompt_tokens": prompt_tokens, "bucket": bucket,
+                                     "engines": stats, "capture": capture, "versions": pipeline.versions(),
+                                     "throughput_per_s": batch / stats["end_to_end"]["p50"] * 1e3}
+            if reference:
+                if ref_model is None:
+                    log(f"loading the eager reference from {recipe.model.checkpoint}")
+                    ref_model = _load_reference(recipe, device, pipeline.horizon)
+                inputs, noise = _reference_inputs(pipeline, seed=1, prompt_tokens=prompt_tokens)
+                ref = timing.measure(_reference_stages(ref_model, inputs, noise, steps), device, iters=max(5, iters // 5), warmup=3)
+                entry["reference"] = _with_per_step(ref, steps)
+            entry["roofline_ms"] = _floors(pipeline, steps, ceilings) if ceilings else None
+            results["runs"].append(entry)
     return results
 
 
@@ -142,38 +171,43 @@ def print_tables(results: dict[str, Any], console) -> None:
                       + f", copy {c['bandwidth_bytes'] / 1e12:.2f} TB/s")
     else:
         console.print(f"device: {results['device'].get('name')}; no roofline floor on a CPU (it is measured on GPUs only)")
-    for steps, entry in results["steps"].items():
-        table = Table(title=f"{results['recipe']}: {steps} denoising steps (ms; graphs: {entry['capture'].get('captured')})")
-        columns = ["component", "mean", "std", "p50", "p95", "n", "reference p50", "speed-up"]
+    for entry in results["runs"]:
+        title = (f"{results['recipe']}: {entry['steps']} denoising steps, batch {entry['batch']}, a {entry['prompt_tokens']}-token "
+                 f"prompt on the {entry['bucket']}-token bucket (ms; graphs: {entry['capture'].get('captured')})")
+        table = Table(title=title)
+        columns = ["component", "mean", "std", "p50", "p95", "p99", "n", "reference p50", "speed-up"]
         columns += ["floor", "p50 / floor"] if entry["roofline_ms"] else []
         for col in columns:
             table.add_column(col, justify="right")
         for row in ROWS:
             e = entry["engines"][row]
             r = entry.get("reference", {}).get(row)
-            cells = [row, f"{e['mean']:.3f}", f"{e['std']:.3f}", f"{e['p50']:.3f}", f"{e['p95']:.3f}", str(e["count"]),
-                     f"{r['p50']:.2f}" if r else "-", f"{r['p50'] / e['p50']:.1f}x" if r else "-"]
+            cells = [row, f"{e['mean']:.3f}", f"{e['std']:.3f}", f"{e['p50']:.3f}", f"{e['p95']:.3f}", f"{e['p99']:.3f}",
+                     str(e["count"]), f"{r['p50']:.2f}" if r else "-", f"{r['p50'] / e['p50']:.1f}x" if r else "-"]
             if entry["roofline_ms"]:
                 floor = entry["roofline_ms"][row]
                 cells += [f"{floor:.3f}", f"{e['p50'] / floor:.1f}x"]
             table.add_row(*cells)
         console.print(table)
+        console.print(f"throughput: {entry['throughput_per_s']:.1f} action chunks/s "
+                      f"(per request p50 {entry['engines']['end_to_end']['p50']:.3f} ms, p99 {entry['engines']['end_to_end']['p99']:.3f} ms)")
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
-    """Stacked bars (vision, kvcache, denoise) per step count: engines left, eager reference right."""
+    """Stacked bars (vision, kvcache, denoise) per run: engines left, eager reference right."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    kinds = [k for k in ("engines", "reference") if any(k in e for e in results["steps"].values())]
+    kinds = [k for k in ("engines", "reference") if any(k in e for e in results["runs"])]
     fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 4), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
-        labels = [f"{steps} steps" for steps, e in results["steps"].items() if kind in e]
+        runs = [e for e in results["runs"] if kind in e]
+        labels = [f"{e['steps']} steps, b{e['batch']}" for e in runs]
         bottom = [0.0] * len(labels)
         for comp in ("vision", "kvcache", "denoise"):
-            values = [e[kind][comp]["p50"] for e in results["steps"].values() if kind in e]
+            values = [e[kind][comp]["p50"] for e in runs]
             ax.bar(labels, values, bottom=bottom, label=comp)
             bottom = [b + v for b, v in zip(bottom, values)]
         for i, total in enumerate(bottom):

@@ -62,6 +62,11 @@ class Pipeline:
         self._static: dict[str, Tensor] = {}
         self._step_indices = torch.arange(self.steps, device=device)  # on the device: graph-capturable loop
 
+    @property
+    def shape_name(self) -> str:
+        """"batch 4, prompt 32": the shape these engines were built for."""
+        return f"batch {self.batch}, prompt {self.prompt_len}"
+
     def versions(self) -> dict[str, str]:
         return {str(c): m["version"] for c, m in self.manifests.items()}
 
@@ -88,9 +93,25 @@ class Pipeline:
         k, v, prefix_mask = self._kvcache(self._vision(images), image_masks, tokens, token_masks)
         return self._denoise(noise, k, v, prefix_mask, state)
 
+    def fits_prompt(self, token_masks: Tensor) -> bool:
+        """Whether every row's prompt fits these engines' prompt length."""
+        return int(token_masks.sum(-1).max()) <= self.prompt_len
+
+    def trim_prompt(self, tokens: Tensor, token_masks: Tensor) -> tuple[Tensor, Tensor]:
+        """Tokens padded beyond the engines' prompt length, cut to it. Exact: the columns dropped are
+        padding, which no query attends to and which moves no position (positions count valid tokens)."""
+        if tokens.shape[1] <= self.prompt_len:
+            return tokens, token_masks
+        if token_masks[:, self.prompt_len :].any():
+            raise InputError(f"a prompt of {int(token_masks.sum(-1).max())} tokens does not fit engines built for "
+                             f"{self.prompt_len}; the runtime should pick a longer prompt bucket")
+        return tokens[:, : self.prompt_len], token_masks[:, : self.prompt_len]
+
     @torch.no_grad()
     def run(self, images: Tensor, image_masks: Tensor, tokens: Tensor, token_masks: Tensor, noise: Tensor, state: Tensor) -> Tensor:
-        """Raw model actions [B, H, 32]; images [B, C, 3, 224, 224] already restricted to the engines' cameras."""
+        """Raw model actions [B, H, 32]; images [B, C, 3, 224, 224] already restricted to the engines'
+        cameras; tokens padded to this prompt length or beyond (then cut, see ``trim_prompt``)."""
+        tokens, token_masks = self.trim_prompt(tokens, token_masks)
         inputs = (images, image_masks, tokens, token_masks, noise, state)
         self._check_shapes(inputs)
         if "all" in self.graphs:
@@ -108,8 +129,9 @@ class Pipeline:
             if list(t.shape) != expected[name]["shape"]:
                 raise ValueError(f"{name} has shape {list(t.shape)}; these engines were built for {expected[name]['shape']}")
 
-    def example_inputs(self, seed: int = 0) -> tuple[Tensor, ...]:
-        """Fresh random inputs of the engines' shapes (images in [-1, 1], prompts of random length)."""
+    def example_inputs(self, seed: int = 0, prompt_tokens: int | None = None) -> tuple[Tensor, ...]:
+        """Fresh random inputs of the engines' shapes: images in [-1, 1], prompts of ``prompt_tokens``
+        valid tokens (default: a random length per row)."""
         g = torch.Generator().manual_seed(seed)
         vin, kin, din = (self.manifests[c]["inputs"] for c in Component)
         images = torch.rand(vin["images"]["shape"], generator=g) * 2 - 1
@@ -117,7 +139,8 @@ class Pipeline:
         b, length = kin["tokens"]["shape"]
         vocab = int(self.manifests[Component.KVCACHE].get("vocab_size", 256))
         tokens = torch.randint(1, vocab, (b, length), generator=g)
-        token_masks = torch.arange(length)[None] < torch.randint(1, length + 1, (b, 1), generator=g)
+        lengths = torch.randint(1, length + 1, (b, 1), generator=g) if prompt_tokens is None else torch.full((b, 1), prompt_tokens)
+        token_masks = torch.arange(length)[None] < lengths
         noise = torch.randn(din["x"]["shape"], generator=g)
         state = torch.randn(din["state"]["shape"], generator=g)
         return tuple(t.to(self.device) for t in (images, image_masks, tokens, token_masks, noise, state))
@@ -179,9 +202,9 @@ class Pipeline:
 
         return [("vision", vision), ("kvcache", kvcache), ("denoise", denoise)], None
 
-    def measure_latency(self, iters: int = 50, warmup: int = 5, seed: int = 0) -> dict[str, dict[str, float]]:
+    def measure_latency(self, iters: int = 50, warmup: int = 5, seed: int = 0, prompt_tokens: int | None = None) -> dict[str, dict[str, float]]:
         """Latency stats (ms) of each component and end to end, on fresh random inputs of the engines' shapes."""
-        stages, end_to_end = self.stages(self.example_inputs(seed))
+        stages, end_to_end = self.stages(self.example_inputs(seed, prompt_tokens))
         return timing.measure(stages, self.device, iters=iters, warmup=warmup, end_to_end=end_to_end)
 
 
@@ -208,12 +231,30 @@ def recipe_of_model(engines: Path, model_id: str) -> Recipe:
     raise artifacts.ArtifactError(f"no engines of model {model_id!r} under {engines}: `pi-build list` shows what is there")
 
 
-def load_pipeline(engines: Path, recipe: Recipe, device: torch.device | str) -> Pipeline:
-    """The engines ``recipe`` asks for (the newest that fit, from one set of weights), verified and loaded."""
-    device = torch.device(device)
-    selected = artifacts.select_engines(engines, recipe, device=artifacts.device_info(device),
-                                        toolchain=artifacts.toolchain_versions(), build_command=build_command(recipe))
-    for art in selected.values():
-        artifacts.verify_artifact(art)
-    loaded = {c: backends.load_engine(art.path, art.manifest["engine_runner"], device) for c, art in selected.items()}
-    return Pipeline(loaded, {c: a.manifest for c, a in selected.items()}, device, {c: a.path for c, a in selected.items()})
+def load_pipelines(engines: Path, recipe: Recipe, device: torch.device | str | None = None,
+                   shapes: list[tuple[int, int]] | None = None) -> list[Pipeline]:
+    """One pipeline per engine shape (batch size, prompt length): by default every one the recipe
+    names (each batch size x prompt bucket), smallest first. An engine two shapes share (vision,
+    which never sees the prompt) is loaded once."""
+    device = torch.device(device) if device is not None else resolve_device(recipe.model.device)
+    info, toolchain = artifacts.device_info(device), artifacts.toolchain_versions()
+    shapes = shapes or [(b, length) for b in recipe.model.batch for length in recipe.model.prompt_lengths]
+    loaded: dict[Path, backends.Engine] = {}
+    pipelines = []
+    for batch, prompt_len in shapes:
+        selected = artifacts.select_engines(engines, recipe, batch=batch, prompt_len=prompt_len, device=info,
+                                            toolchain=toolchain, build_command=build_command(recipe))
+        for art in selected.values():
+            if art.path not in loaded:
+                artifacts.verify_artifact(art)
+                loaded[art.path] = backends.load_engine(art.path, art.manifest["engine_runner"], device)
+        pipelines.append(Pipeline({c: loaded[a.path] for c, a in selected.items()}, {c: a.manifest for c, a in selected.items()},
+                                  device, {c: a.path for c, a in selected.items()}))
+    return pipelines
+
+
+def load_pipeline(engines: Path, recipe: Recipe, device: torch.device | str | None = None, *,
+                  batch: int | None = None, prompt_len: int | None = None) -> Pipeline:
+    """The engines of one shape: by default the recipe's smallest batch size and full prompt length."""
+    shape = (batch or min(recipe.model.batch), prompt_len or recipe.model.prompt_len)
+    return load_pipelines(engines, recipe, device, [shape])[0]

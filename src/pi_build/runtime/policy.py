@@ -66,12 +66,12 @@ class Policy:
     """observation dict -> {"actions": [H, 7], "policy_timing": {...}}: what LIBERO and the server call.
 
     It is also a ``batching.BatchPolicy``: ``prepare`` one observation at a time (any thread),
-    then ``run`` a list of them as one batch through the engines of the smallest batch size that
-    holds them (the policy thread). A request with a ``noise_seed`` gets the same actions whatever
-    it is batched with.
+    then ``run`` a list of them as one batch through the engines of the smallest batch size and
+    prompt bucket that hold them (the policy thread). A request with a ``noise_seed`` gets the same
+    actions whatever it is batched with.
     """
 
-    pipelines: dict[int, Pipeline]  # by the batch size their engines were built for
+    pipelines: dict[tuple[int, int], Pipeline]  # by the (batch size, prompt length) their engines were built for
     transforms: PolicyTransforms
     seed: int = 0
     _generator: torch.Generator = field(init=False, repr=False)
@@ -81,16 +81,25 @@ class Policy:
 
     @property
     def pipeline(self) -> Pipeline:
-        """The pipeline of the smallest batch size (what describes the engines)."""
+        """The pipeline of the smallest shape (what describes the engines)."""
         return self.pipelines[min(self.pipelines)]
 
     @property
     def batch_sizes(self) -> tuple[int, ...]:
-        return tuple(sorted(self.pipelines))
+        return tuple(sorted({batch for batch, _ in self.pipelines}))
+
+    @property
+    def prompt_lengths(self) -> tuple[int, ...]:
+        return tuple(sorted({length for _, length in self.pipelines}))
 
     @property
     def max_batch(self) -> int:
-        return max(self.pipelines)
+        return max(self.batch_sizes)
+
+    def bucket(self, token_masks: Tensor) -> int:
+        """The smallest prompt length that holds every row's prompt."""
+        longest = int(token_masks.sum(-1).max())
+        return next(length for length in self.prompt_lengths if length >= longest)
 
     @property
     def _noise_shape(self) -> tuple[int, int]:
@@ -116,8 +125,9 @@ class Policy:
         tokens = torch.cat([item.inputs.tokens for item in items])
         token_masks = torch.cat([item.inputs.token_masks for item in items])
         state = torch.cat([item.inputs.state for item in items])
+        bucket = self.bucket(token_masks)
         raw = batching.run_padded((images, image_masks, tokens, token_masks, noise, state), self.batch_sizes,
-                                  lambda size, padded: self.pipelines[size].run(*padded))
+                                  lambda size, padded: self.pipelines[size, bucket].run(*padded))
         raw = raw.float().cpu().numpy()
         t1 = time.perf_counter()
         actions = self.transforms.outputs(raw, np.stack([item.state for item in items]))
@@ -137,4 +147,4 @@ def load_policy(pipelines: Pipeline | Sequence[Pipeline], *, graphs: bool = True
     for pipeline in pipelines:
         if graphs and pipeline.device.type == "cuda":
             pipeline.capture()
-    return Policy({p.batch: p for p in pipelines}, transforms_from_engines(pipelines[0]), seed=seed)
+    return Policy({(p.batch, p.prompt_len): p for p in pipelines}, transforms_from_engines(pipelines[-1]), seed=seed)

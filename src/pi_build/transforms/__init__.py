@@ -249,6 +249,11 @@ class PolicyTransforms:
     inputs_chain: Compose
     outputs_chain: Compose
 
+    @property
+    def tokenizer(self) -> PromptTokenizer:
+        """The tokenizer of the input chain's TokenizePrompt step."""
+        return next(t.tokenizer for t in self.inputs_chain.transforms if isinstance(t, TokenizePrompt))
+
     def inputs(self, obs: Mapping | Sequence[Mapping], device: str | torch.device = "cpu") -> ModelInputs:
         observations = [obs] if isinstance(obs, Mapping) else list(obs)
         return to_model_inputs([self.inputs_chain(o) for o in observations], device)
