@@ -18,7 +18,7 @@ app = typer.Typer(help="Build fast, versioned engines for pi0 / pi0.5 policies."
 
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override a recipe field: --set denoise.steps=3")]
 ComponentArg = Annotated[Optional[list[Component]], typer.Argument(help="components (default: all three)")]
-FP8_HELP = "make this component FP8 (e4m3): calibrate on the recipe's [quantize] data, then compile FP8 GEMMs"
+FP8_HELP = "make this component FP8 (e4m3): calibrate on the data the recipe's quantize section names, then compile FP8 GEMMs"
 Fp8Opt = Annotated[bool, typer.Option("--fp8", help=FP8_HELP)]
 StepsOpt = Annotated[Optional[int], typer.Option("--steps", min=1, help="Euler steps baked into the denoise engine (overrides denoise.steps)")]
 

@@ -25,8 +25,8 @@ console = Console(width=None if sys.stdout.isatty() else 150)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
 
 RecipeOpt = Annotated[Optional[Path], typer.Option(
-    "--recipe", "-r", help="recipe TOML [default: $PI_BUILD_RECIPE, else `recipe` in ./pi-build.toml]")]
-EnginesOpt = Annotated[Optional[Path], typer.Option("--engines", help="engines folder [env PI_BUILD_ENGINES, default engines/]")]
+    "--recipe", "-r", help="recipe TOML (default: $PI_BUILD_RECIPE, else the recipe that ./pi-build.toml names)")]
+EnginesOpt = Annotated[Optional[Path], typer.Option("--engines", help="engines folder (default: $PI_BUILD_ENGINES, else engines/)")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="show tracebacks of user errors too", envvar="PI_BUILD_DEBUG")]
 
 F = TypeVar("F", bound=Callable[..., Any])

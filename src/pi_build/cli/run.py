@@ -71,10 +71,12 @@ def _recipe(recipe: Path | None, model_id: str | None, engines: Path, steps: int
 
 
 def _pipelines(recipe, engines: Path):
-    """The recipe's engines, one pipeline per batch size it names; start-up prints what was chosen."""
-    from pi_build.runtime.pipeline import load_pipelines
+    """The recipe's engines, one pipeline per shape it names; start-up prints what was chosen."""
+    from pi_build.runtime.pipeline import cpu_threads_for_serving, load_pipelines
 
     pipelines = load_pipelines(engines, recipe)
+    if pipelines[0].device.type == "cpu":
+        cpu_threads_for_serving()
     for pipeline in pipelines:
         console.print(f"{recipe.name} on {pipeline.device}, batch {pipeline.batch}: {pipeline.describe()}", soft_wrap=True)
     return pipelines
@@ -93,9 +95,9 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cuda or cpu (def
 def bench(
     recipe: RecipeOpt = None,
     engines: EnginesOpt = None,
-    steps: Annotated[Optional[str], typer.Option("--steps", help="comma-separated step counts [default: every step count built]")] = None,
-    batch: Annotated[Optional[str], typer.Option("--batch", help="comma-separated batch sizes: adds throughput [default: the recipe's]")] = None,
-    prompt_len: Annotated[Optional[int], typer.Option("--prompt-len", min=1, help="prompt tokens to time [default: a LIBERO instruction's]")] = None,
+    steps: Annotated[Optional[str], typer.Option("--steps", help="comma-separated step counts (default: every step count built)")] = None,
+    batch: Annotated[Optional[str], typer.Option("--batch", help="comma-separated batch sizes: adds throughput (default: the recipe's)")] = None,
+    prompt_len: Annotated[Optional[int], typer.Option("--prompt-len", min=1, help="prompt tokens to time (default: a LIBERO instruction's)")] = None,
     iters: Annotated[int, typer.Option("--iters", min=1)] = 50,
     warmup: Annotated[int, typer.Option("--warmup", min=0)] = 10,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="write all figures as JSON")] = None,
@@ -138,8 +140,8 @@ def libero(
     steps: RunStepsOpt = None,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="cap on episode length (smoke runs)")] = None,
     video: Annotated[Optional[Path], typer.Option("--video", help="write an MP4 per episode here")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="results JSON [default: runs/libero/<suite>-<time>.json]")] = None,
-    assets: Annotated[Optional[Path], typer.Option("--assets", help="LIBERO assets folder [env PI_BUILD_LIBERO_ASSETS]")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="results JSON (default: runs/libero/<suite>-<time>.json)")] = None,
+    assets: Annotated[Optional[Path], typer.Option("--assets", help="LIBERO assets folder (default: $PI_BUILD_LIBERO_ASSETS, else ../shared/libero/assets)")] = None,
     seed: Annotated[int, typer.Option("--seed")] = 7,
     device: DeviceOpt = "auto",
 ) -> None:

@@ -40,6 +40,21 @@ def resolve_device(name: Device | str) -> torch.device:
     return torch.device(str(name))
 
 
+def cpu_threads_for_serving() -> int:
+    """Run CPU engines on one intra-op thread (PI_BUILD_CPU_THREADS sets another count).
+
+    Measured on a 2-core machine with other work running (a simulator rendering beside the policy,
+    or other processes): the tiny engines took 150-2000 ms per inference with PyTorch's default of
+    one OpenMP thread per core, whose workers wait on each other at every operator while the cores
+    are taken, and 15-37 ms with one thread. A policy serving a robot wants the steady latency.
+    """
+    import os
+
+    threads = int(os.environ.get("PI_BUILD_CPU_THREADS", "1"))
+    torch.set_num_threads(threads)
+    return threads
+
+
 def select_cameras(cameras: Sequence[str], images: Tensor, image_masks: Tensor) -> tuple[Tensor, Tensor]:
     """Model inputs carry every camera in CAMERAS order; engines take their recipe's ``cameras`` only."""
     idx = [CAMERAS.index(c) for c in cameras]
