@@ -129,6 +129,10 @@ def test_steps_and_precision_pick_their_engines(workspace, tmp_path):
     shutil.copytree(workspace["engines"], engines)
     assert invoke(build_app, ["denoise", "--recipe", workspace["recipe"], "--engines", engines, "--steps", "5"]).exit_code == 0
     assert invoke(build_app, ["vision", "--recipe", workspace["recipe"], "--engines", engines, "--fp8"]).exit_code == 0
+    # a kvcache engine built after a bf16 vision engine takes bf16 image tokens: newer, but not for an fp32 vision
+    assert invoke(build_app, ["kvcache", "--recipe", workspace["recipe"], "--engines", engines,
+                              "--set", "vision.precision=bf16"]).exit_code == 0
+    assert artifacts.load_artifact(engines / "t/kvcache/v2").manifest["inputs"]["image_tokens"]["dtype"] == "bfloat16"
     pipeline = pipeline_of(workspace, engines)  # the recipe says 2 steps and an fp32 vision engine
     assert pipeline.steps == 2 and pipeline.versions() == {"vision": "v1", "kvcache": "v1", "denoise": "v1"}
     assert "vision v1 (fp32, inductor)" in pipeline.describe() and "denoise v1 (fp32, eager, 2 steps)" in pipeline.describe()

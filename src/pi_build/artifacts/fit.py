@@ -180,18 +180,34 @@ def select_engines(engines: Path, recipe: Any, *, batch: int, prompt_len: int, d
         fitting[component] = [a for a in candidates if not mismatches(a, recipe, component, **shape)]
         if not fitting[component]:
             raise ArtifactError(_missing(engines, recipe, component, candidates, refused, shape, build_command))
-    # One set of weights for all three: the one whose newest fitting engine is the most recent.
+    # One set of weights for all three, the most recently built first; in pipeline order, the newest
+    # engine of each component whose inputs are what the one chosen before it outputs (a kvcache engine
+    # built after a bf16 vision engine takes bf16 image tokens).
     weights_of = lambda a: a.manifest.get("source", {}).get("weights_sha256")  # noqa: E731
-    complete = set.intersection(*({weights_of(a) for a in arts} for arts in fitting.values()))
-    if not complete:
-        newest = {c: f"{arts[0]} from {str(weights_of(arts[0]))[:12]}" for c, arts in fitting.items()}
-        raise ArtifactError(f"the engines that fit {recipe.name} were built from different weights ({', '.join(newest.values())}): "
-                            f"rebuild the older ones, e.g. `{build_command(Component.VISION)}`")
     created = lambda a: a.manifest.get("created", "")  # noqa: E731
-    weights = max(complete, key=lambda w: max(created(a) for arts in fitting.values() for a in arts if weights_of(a) == w))
-    selected = {c: next(a for a in arts if weights_of(a) == weights) for c, arts in fitting.items()}
-    check_compatible(selected, device=device, toolchain=toolchain)
-    return selected
+    everything = [a for arts in fitting.values() for a in arts]
+    complete = set.intersection(*({weights_of(a) for a in arts} for arts in fitting.values()))
+    for weights in sorted(complete, key=lambda w: max(created(a) for a in everything if weights_of(a) == w), reverse=True):
+        chosen: dict[Component, Artifact] = {}
+        for component, arts in fitting.items():
+            chosen_next = next((a for a in arts if weights_of(a) == weights and _fits_links({**chosen, component: a})), None)
+            if chosen_next is None:
+                break
+            chosen[component] = chosen_next
+        if len(chosen) == len(Component):
+            check_compatible(chosen, device=device, toolchain=toolchain)
+            return chosen
+    newest = {c: f"{arts[0]} from {str(weights_of(arts[0]))[:12]}" for c, arts in fitting.items()}
+    raise ArtifactError(f"the engines that fit {recipe.name} do not fit together ({', '.join(newest.values())}: other weights, "
+                        f"or inputs another engine does not output): rebuild the others, e.g. `{build_command(Component.VISION)}`")
+
+
+def _fits_links(chosen: dict[Component, Artifact]) -> bool:
+    try:
+        _check_links(chosen)
+    except ArtifactError:
+        return False
+    return True
 
 
 def _missing(engines: Path, recipe: Any, component: Component, candidates: list[Artifact], refused: list[str],

@@ -23,6 +23,6 @@ def compile_engine(module: nn.Module, example_inputs: tuple[Tensor, ...], out_di
 
 
 def load_engine(folder: Path, device: torch.device):
-    from pi_build.engine import kernels  # noqa: F401  registers the custom ops a program may call
+    from pi_build.engine import fused_denoise, kernels  # noqa: F401  registers the custom ops a program may call
 
     return torch.export.load(str(folder / PROGRAM_FILE)).module().to(device)

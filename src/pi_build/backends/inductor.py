@@ -106,7 +106,7 @@ def load_engine(folder: Path, runner: str, device: torch.device):
     """The engine in ``folder``, called like the component: ``engine(*inputs) -> outputs``."""
     if runner == AOTI:
         return torch._inductor.aoti_load_package(str(folder / AOTI_FILE))
-    from pi_build.engine import kernels  # noqa: F401  registers the custom ops a program may call
+    from pi_build.engine import fused_denoise, kernels  # noqa: F401  registers the custom ops a program may call
 
     module = torch.export.load(str(folder / PROGRAM_FILE)).module().to(device)
     cache = (folder / CACHE_FILE).read_bytes()

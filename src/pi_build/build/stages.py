@@ -14,6 +14,7 @@ writes one artifact under ``engines/<model-id>/<kind>/<version>/`` through
 from __future__ import annotations
 
 import hashlib
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -86,12 +87,17 @@ def _inputs(module: nn.Module, seed: int, device: torch.device) -> tuple[Tensor,
 # ----------------------------------------------------------------------------- modules
 
 
+# The fused denoise step (engine.fused_denoise: 5 kernels a layer) beats the per-op Triton kernels
+# up to this many token rows; at pi0's 51 rows it does not (docs/FUSED-DENOISE.md).
+FUSED_DENOISE_MAX_ROWS = 16
+
+
 def component_module(reference: Reference, recipe: Recipe, component: Component, scales: Scales | None,
                      shapes: Shapes) -> tuple[nn.Module, dict | None]:
-    """The component in its recipe precision, FP8 linears made from ``scales``; a denoise step
-    compiled by Inductor on a GPU uses pi-build's Triton kernels. Returns the module and what was
-    switched to the kernels (None: nothing)."""
-    from pi_build.engine import kernels
+    """The component in its recipe precision, FP8 linears made from ``scales``. A denoise step
+    compiled by Inductor on a GPU runs pi-build's Triton kernels: the fused step for bf16 and few
+    rows, else the per-op kernels. Returns the module and what was switched to the kernels (None: nothing)."""
+    from pi_build.engine import fused_denoise, kernels
     from pi_build.engine.fp8 import apply_fp8
 
     spec = recipe.component(component)
@@ -100,7 +106,11 @@ def component_module(reference: Reference, recipe: Recipe, component: Component,
         module = apply_fp8(module, scales)
     switched = None
     if component == Component.DENOISE and spec.backend == Backend.INDUCTOR and kernels.triton_available(reference.device):
-        switched = module.use_triton_kernels()
+        rows = shapes.batch * module.ar_flags.shape[0]
+        if spec.precision == Precision.BF16 and rows <= FUSED_DENOISE_MAX_ROWS and os.environ.get("PI_BUILD_FUSED", "1") != "0":
+            module, switched = fused_denoise.use_fused_denoise(module.to(reference.device), Precision.BF16)
+        else:
+            switched = module.use_triton_kernels()
     return module.to(reference.device).eval(), switched
 
 

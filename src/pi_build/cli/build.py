@@ -10,13 +10,12 @@ import typer
 from rich.table import Table
 
 from pi_build import artifacts
-from pi_build.cli.common import DebugOpt, EnginesOpt, RecipeOpt, console, handle_errors, set_debug
+from pi_build.cli.common import DebugOpt, EnginesOpt, RecipeOpt, SetOpt, console, handle_errors, set_debug
 from pi_build.errors import ArtifactError
 from pi_build.spec import Component, Precision, Stage
 
 app = typer.Typer(help="Build fast, versioned engines for pi0 / pi0.5 policies.", no_args_is_help=True)
 
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override a recipe field: --set denoise.steps=3")]
 ComponentArg = Annotated[Optional[list[Component]], typer.Argument(help="components (default: all three)")]
 FP8_HELP = "make this component FP8 (e4m3): calibrate on the data the recipe's quantize section names, then compile FP8 GEMMs"
 Fp8Opt = Annotated[bool, typer.Option("--fp8", help=FP8_HELP)]

@@ -27,6 +27,7 @@ err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
 RecipeOpt = Annotated[Optional[Path], typer.Option(
     "--recipe", "-r", help="recipe TOML (default: $PI_BUILD_RECIPE, else the recipe that ./pi-build.toml names)")]
 EnginesOpt = Annotated[Optional[Path], typer.Option("--engines", help="engines folder (default: $PI_BUILD_ENGINES, else engines/)")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override a recipe field: --set denoise.steps=3")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="show tracebacks of user errors too", envvar="PI_BUILD_DEBUG")]
 
 F = TypeVar("F", bound=Callable[..., Any])

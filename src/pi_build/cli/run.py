@@ -10,7 +10,7 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from pi_build.cli.common import DebugOpt, EnginesOpt, RecipeOpt, console, handle_errors, parse_int_list, set_debug
+from pi_build.cli.common import DebugOpt, EnginesOpt, RecipeOpt, SetOpt, console, handle_errors, parse_int_list, set_debug
 from pi_build.errors import InputError
 
 app = typer.Typer(help="Run pi0 / pi0.5 policies from checkpoints or built engines.", no_args_is_help=True)
@@ -56,15 +56,18 @@ def predict(
 # ----------------------------------------------------------------------------- engines for a recipe
 
 
-def _recipe(recipe: Path | None, model_id: str | None, engines: Path, steps: int | None, device: str):
+def _recipe(recipe: Path | None, model_id: str | None, engines: Path, steps: int | None, device: str,
+            set_: list[str] | None = None):
     """The recipe whose engines a command runs: --model-id takes the one recorded in that model's
     newest engines (deployment without the recipe file), else the recipe file (or the default one).
-    --steps and --device override the recipe's."""
-    from pi_build.recipe import find_recipe, load_recipe
+    --set, --steps and --device override the recipe's."""
+    from pi_build.recipe import find_recipe, load_recipe, parse_overrides
     from pi_build.runtime.pipeline import recipe_of_model
     from pi_build.spec import Component
 
     loaded = recipe_of_model(engines, model_id) if model_id is not None else load_recipe(find_recipe(recipe))
+    if set_:
+        loaded = loaded.with_overrides(parse_overrides(set_))
     if device != "auto":
         loaded = loaded.with_overrides({"model.device": device})
     return loaded.with_component(Component.DENOISE, steps=steps) if steps is not None else loaded
@@ -95,6 +98,7 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cuda or cpu (def
 def bench(
     recipe: RecipeOpt = None,
     engines: EnginesOpt = None,
+    set_: SetOpt = None,
     steps: Annotated[Optional[str], typer.Option("--steps", help="comma-separated step counts (default: every step count built)")] = None,
     batch: Annotated[Optional[str], typer.Option("--batch", help="comma-separated batch sizes: adds throughput (default: the recipe's)")] = None,
     prompt_len: Annotated[Optional[int], typer.Option("--prompt-len", min=1, help="prompt tokens to time (default: a LIBERO instruction's)")] = None,
@@ -112,7 +116,7 @@ def bench(
 
     step_counts = parse_int_list(steps, "--steps")
     batch_sizes = parse_int_list(batch, "--batch")
-    loaded = _recipe(recipe, None, artifacts.engines_dir(engines), None, "auto")
+    loaded = _recipe(recipe, None, artifacts.engines_dir(engines), None, "auto", set_)
     results = bench_mod.run_bench(loaded, artifacts.engines_dir(engines), step_counts, iters=iters, warmup=warmup,
                                   graphs=graphs, reference=reference, batch_sizes=batch_sizes, prompt_tokens=prompt_len,
                                   log=console.print)
@@ -132,6 +136,7 @@ def bench(
 def libero(
     recipe: RecipeOpt = None,
     engines: EnginesOpt = None,
+    set_: SetOpt = None,
     model_id: ModelIdOpt = None,
     suite: Annotated[str, typer.Option("--suite", help="libero_spatial, libero_object, libero_goal, libero_10 or libero_90")] = "libero_spatial",
     tasks: Annotated[Optional[str], typer.Option("--tasks", help="comma-separated task ids (default: all)")] = None,
@@ -167,7 +172,7 @@ def libero(
     if task_ids is not None and (bad := [t for t in task_ids if not 0 <= t < n_available]):
         raise typer.BadParameter(f"task {bad[0]} is out of range: {suite} has tasks 0-{n_available - 1}", param_hint="--tasks")
     folder = artifacts.engines_dir(engines)
-    policy = load_policy(_pipelines(_recipe(recipe, model_id, folder, steps, device), folder))
+    policy = load_policy(_pipelines(_recipe(recipe, model_id, folder, steps, device, set_), folder))
     out = out or Path("runs") / "libero" / f"{suite}-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
     timings: list[dict] = []
 
@@ -203,6 +208,7 @@ def libero(
 def serve(
     recipe: RecipeOpt = None,
     engines: EnginesOpt = None,
+    set_: SetOpt = None,
     model_id: ModelIdOpt = None,
     steps: RunStepsOpt = None,
     host: Annotated[str, typer.Option("--host", help="0.0.0.0 to accept remote robots")] = "127.0.0.1",
@@ -226,7 +232,7 @@ def serve(
         raise typer.BadParameter("the key is empty: give one, or unset PI_BUILD_API_KEY", param_hint="--api-key")
     server.check_can_listen(host, port)  # before the engines load, which can take minutes
     folder = artifacts.engines_dir(engines)
-    policy = load_policy(_pipelines(_recipe(recipe, model_id, folder, steps, device), folder))
+    policy = load_policy(_pipelines(_recipe(recipe, model_id, folder, steps, device, set_), folder))
     p = policy.pipeline
     metadata = {"model_id": p.manifests["vision"]["model_id"], "horizon": p.horizon, "steps": p.steps,
                 "cameras": list(p.cameras), "engines": p.versions(), "batch_sizes": list(policy.batch_sizes)}

@@ -42,14 +42,20 @@ def built_step_counts(engines: Path, recipe: Recipe) -> list[int]:
     return sorted(counts)
 
 
-def libero_prompt_tokens(pipeline: Pipeline) -> int:
+def libero_prompt_tokens(engines: Path, recipe: Recipe, device: torch.device) -> int:
     """How many tokens a LIBERO instruction takes with the engines' own tokenizer (the first recorded
-    observation's): the prompt length a bench times by default."""
-    from pi_build.runtime.policy import transforms_from_engines
+    observation's, in the prompt format of openpi's LIBERO policies): the prompt length a bench times
+    by default. Reads the tokenizer the kvcache engine carries, without loading any engine."""
+    from pi_build.model.tokenizer import PromptTokenizer
+    from pi_build.runtime.pipeline import build_command
+    from pi_build.runtime.policy import TOKENIZER_FILE
     from pi_build.transforms.libero import load_recorded_observations
 
-    inputs = transforms_from_engines(pipeline).inputs(load_recorded_observations()[0])
-    return int(inputs.token_masks.sum())
+    selected = artifacts.select_engines(engines, recipe, batch=min(recipe.model.batch), prompt_len=recipe.model.prompt_len,
+                                        device=artifacts.device_info(device), toolchain=artifacts.toolchain_versions(),
+                                        build_command=build_command(recipe))
+    tokenizer = PromptTokenizer(selected[Component.KVCACHE].file(TOKENIZER_FILE), max_len=recipe.model.prompt_len, truncate=False)
+    return len(tokenizer.token_ids(load_recorded_observations()[0]["prompt"]))
 
 
 def _reference_stages(model: PiModel, inputs: ModelInputs, noise: torch.Tensor, steps: int) -> list[timing.Stage]:
@@ -125,7 +131,7 @@ def run_bench(recipe: Recipe, engines: Path, step_counts: list[int] | None, *, i
         at_steps = recipe.with_component(Component.DENOISE, steps=steps)
         for batch in batch_sizes:
             if prompt_tokens is None:
-                prompt_tokens = libero_prompt_tokens(load_pipeline(engines, at_steps, device, batch=batch))
+                prompt_tokens = libero_prompt_tokens(engines, at_steps, device)
             bucket = next(length for length in recipe.model.prompt_lengths if length >= prompt_tokens)
             pipeline = load_pipeline(engines, at_steps, device, batch=batch, prompt_len=bucket)
             capture = pipeline.capture() if graphs else {"captured": False, "reason": "--no-graphs"}

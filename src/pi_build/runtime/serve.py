@@ -37,6 +37,7 @@ import errno
 import functools
 import hmac
 import http
+import inspect
 import ipaddress
 import logging
 import math
@@ -655,20 +656,7 @@ async def _listen_until_stopped(server: _Server, host: str, port: int, max_frame
         await websocket_server.wait_closed()
 
 
-def serve(
-    policy: BatchPolicy | Policy,
-    *,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    metadata: dict,
-    max_batch: int = 1,
-    max_wait_ms: float = 0.0,
-    api_key: str | None = None,
-    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
-    request_spec: RequestSpec = LIBERO_REQUEST_SPEC,
-    ready: threading.Event | None = None,
-    stop: threading.Event | None = None,
-) -> None:
+def serve(policy: BatchPolicy | Policy, **options: Any) -> None:
     """Serve `policy` over openpi's websocket protocol until `stop` is set or SIGINT arrives.
 
     `policy` is a `batching.BatchPolicy` (prepare() per request, run() per batch) or a plain
@@ -682,20 +670,10 @@ def serve(
     listening; ServeError when it cannot listen. Run it in a thread and set `stop` to end it.
     """
     try:
-        asyncio.run(
-            serve_async(
-                policy,
-                host=host,
-                port=port,
-                metadata=metadata,
-                max_batch=max_batch,
-                max_wait_ms=max_wait_ms,
-                api_key=api_key,
-                max_frame_bytes=max_frame_bytes,
-                request_spec=request_spec,
-                ready=ready,
-                stop=stop,
-            )
-        )
+        asyncio.run(serve_async(policy, **options))
     except KeyboardInterrupt:  # asyncio.run has already closed the server and its connections
         logger.info("server stopped by SIGINT")
+
+
+# The blocking server takes exactly the coroutine's options: show them (help(), editors) as its own.
+serve.__signature__ = inspect.signature(serve_async)

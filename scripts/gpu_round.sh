@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# One speed round on the lent GPU machine (docs/PERFORMANCE.md): builds the full-size random pi0.5 and
+# pi0 engines and benches them beside the eager reference and the floor, all under /tmp/pib there.
+#
+#   bash scripts/gpu_round.sh start      # copies the code to /tmp/pib, starts every phase in the background
+#   bash scripts/gpu_round.sh poll [S]   # waits up to S seconds (default 560) for it, prints the log's end,
+#                                        # copies the bench JSONs to $OUT
+#
+# The work runs detached (setsid) so that it outlives one `run` call: call `poll` again within 30 s
+# and the machine stays warm. Carried wheels (.whl: ModelOpt, pydantic, websockets) are installed first.
+# PHASES (default "smoke pi05 pi0 batch") picks phases. Checkpoints land where the recipes look for
+# them (checkpoints/<name>, relative to the copied code), engines under /tmp/pib/engines.
+set -uo pipefail
+W=/tmp/pib
+export PYTHONUNBUFFERED=1 PYTHONPATH=$W/code/src:/tmp/site PI_BUILD_CACHE=$W/cache PI_BUILD_ENGINES=$W/engines
+
+build() { python3 -m pi_build.cli.build "$@"; }
+run() { python3 -m pi_build.cli.run "$@"; }
+
+phase_smoke() {   # the tiny model on the GPU first, fp32 and bf16 (the Triton paths): a fast failure for device bugs
+  build checkpoint --config pi05_tiny --horizon 10 --out checkpoints/tiny && build all --recipe recipes/tiny.toml --skip export &&
+  build all --recipe recipes/tiny.toml --skip export --set vision.precision=bf16 --set denoise.precision=bf16 &&
+  run bench --recipe recipes/tiny.toml --set denoise.precision=bf16 --iters 5 --no-reference
+}
+
+phase_model() {   # $1 recipe name, $2 config, $3 horizon
+  build checkpoint --config $2 --horizon $3 --dtype bfloat16 --out checkpoints/$1 &&
+  build all --recipe recipes/$1.toml --skip export &&
+  build denoise --recipe recipes/$1.toml --steps 1 &&
+  run bench --recipe recipes/$1.toml --steps 1,10 --json $W/bench_$1.json --png $W/bench_$1.png
+}
+
+phase_batch() {   # throughput: pi0.5's engines for batch 4 and 16 too (10 steps), benched beside batch 1
+  sed 's/^batch = 1$/batch = [4, 16]/' recipes/pi05_libero.toml > recipes/pi05_b4_16.toml
+  sed 's/^batch = 1$/batch = [1, 4, 16]/' recipes/pi05_libero.toml > recipes/pi05_batches.toml
+  build vision --recipe recipes/pi05_b4_16.toml && build kvcache --recipe recipes/pi05_b4_16.toml &&
+  build denoise --recipe recipes/pi05_b4_16.toml &&
+  run bench --recipe recipes/pi05_batches.toml --steps 10 --batch 1,4,16 --no-reference --json $W/bench_batch.json
+}
+export -f build run phase_smoke phase_model phase_batch
+export W
+
+case "${1:-}" in
+  start)
+    rm -rf $W && mkdir -p $W/code /tmp/site
+    cp -r src recipes scripts $W/code/
+    if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl; fi
+    nvidia-smi --query-gpu=name,memory.used,clocks.sm,clocks.mem --format=csv,noheader > $W/gpu.txt
+    (cd $W/code && setsid bash -c '
+      for p in ${PHASES:-smoke pi05 pi0 batch}; do
+        echo "=== phase $p $(date +%T)"
+        case $p in
+          smoke) phase_smoke ;; pi05) phase_model pi05_libero pi05 10 ;; pi0) phase_model pi0_libero pi0 50 ;; batch) phase_batch ;;
+        esac || { echo "=== phase $p FAILED"; break; }
+      done; echo "=== done $(date +%T)"' > $W/log 2>&1 < /dev/null &)
+    sleep 5; tail -3 $W/log ;;
+  poll)
+    deadline=$((SECONDS + ${2:-560}))
+    while [ $SECONDS -lt $deadline ] && ! grep -q "^=== done" $W/log; do sleep 5; done
+    grep -v "Warning\|warn(\|return cls\|DEBUG\|warnings.warn" $W/log | tail -120
+    mkdir -p "${OUT:-/tmp/out}" && cp $W/*.json $W/*.png $W/gpu.txt $W/log "${OUT:-/tmp/out}/" 2>/dev/null; true ;;
+  *) echo "usage: bash scripts/gpu_round.sh start|poll [seconds]" >&2; exit 2 ;;
+esac
