@@ -14,7 +14,7 @@ export PIP_CONSTRAINT
 	# The CPU wheel of torch 2.13.0 lies on the machine's disk; the constraints file keeps
 	# every later install from pulling a CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[onnx,quant,serve,bench,dev]'
+	$(PY) -m pip install -q -e '.[onnx,quant,serve,bench,eval,dev]'
 	bash scripts/install_libero.sh $(PY)
 	touch $@
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import numpy as np
 import typer
-from rich.table import Table
 
 from pi_build.cli.common import DebugOpt, EnginesOpt, RecipeOpt, SetOpt, console, handle_errors, parse_int_list, set_debug
 from pi_build.errors import InputError
@@ -131,6 +130,57 @@ def bench(
 # ----------------------------------------------------------------------------- libero and serve
 
 
+class PolicyLocation(str, Enum):
+    worker = "worker"
+    server = "server"
+
+
+def _server_metadata(policy) -> dict:
+    """What a policy server tells each client on connect: which engines answer, and how."""
+    p = policy.pipeline
+    return {"model_id": p.manifests["vision"]["model_id"], "horizon": p.horizon, "steps": p.steps,
+            "cameras": list(p.cameras), "engines": {q.shape_name: q.versions() for q in policy.pipelines.values()},
+            "batch_sizes": list(policy.batch_sizes)}
+
+
+def _policy_plan(where: PolicyLocation | None, server_url: str | None, recipe, engines: Path):
+    """Where `pi-run libero` runs the policy, and who that policy is: in each worker (CPU), or behind
+    one policy server (--server-url, else one started here). Left to choose, a GPU means a server here."""
+    import functools
+
+    from pi_build.evaluation import InWorkerPolicy, LocalServer, ServerPolicy
+    from pi_build.evaluation.policies import server_metadata
+    from pi_build.runtime.pipeline import resolve_device, selected_versions
+    from pi_build.runtime.policy import policy_for_recipe
+
+    if server_url is not None:
+        if where == PolicyLocation.worker:
+            raise InputError("--server-url names a policy server, but --policy worker runs the policy in the workers; drop one of them")
+        metadata = server_metadata(server_url)
+        return ServerPolicy(server_url), {"server": server_url, "model_id": metadata.get("model_id"), "engines": metadata.get("engines")}
+    device = resolve_device(recipe.model.device)
+    folder = engines.resolve()  # workers may start in another folder
+    identity = {"model_id": recipe.name, "engines": selected_versions(folder, recipe, device)}  # found, not loaded
+    for shape, versions in identity["engines"].items():
+        console.print(f"{recipe.name} on {device}, {shape}: {versions}", soft_wrap=True)
+    where = where or (PolicyLocation.worker if device.type == "cpu" else PolicyLocation.server)
+    load = functools.partial(policy_for_recipe, folder, recipe, str(device))
+    if where == PolicyLocation.server:
+        return LocalServer(load=load, metadata=_server_metadata), identity
+    if device.type != "cpu":
+        raise InputError(f"in-worker policies run on the CPU (each worker loads its own copy); "
+                         f"use --policy server to run the engines on {device}")
+    return InWorkerPolicy(load, name=f"{recipe.name} from {folder}, {recipe.denoise.steps} steps"), identity
+
+
+def _video_settings(video: Path | None, videos: int | None, trials: int, out: Path) -> tuple[Path | None, int]:
+    """(folder, how many trials of each task to film): --video alone films every episode;
+    --videos N films trials 0 .. N-1 of each task, into --video or a folder beside --out."""
+    if videos is None:
+        return video, trials if video is not None else 0
+    return video or out.with_name(f"{out.stem}-videos"), videos
+
+
 @app.command()
 @handle_errors
 def libero(
@@ -138,69 +188,55 @@ def libero(
     engines: EnginesOpt = None,
     set_: SetOpt = None,
     model_id: ModelIdOpt = None,
-    suite: Annotated[str, typer.Option("--suite", help="libero_spatial, libero_object, libero_goal, libero_10 or libero_90")] = "libero_spatial",
+    suite: Annotated[str, typer.Option("--suite", help="a suite, several comma-separated, or `paper` (spatial, object, goal, 10)")] = "libero_spatial",
     tasks: Annotated[Optional[str], typer.Option("--tasks", help="comma-separated task ids (default: all)")] = None,
-    trials: Annotated[int, typer.Option("--trials", min=1)] = 50,
+    trials: Annotated[int, typer.Option("--trials", min=1, help="trials per task, over the fixed initial states")] = 50,
     quick: Annotated[bool, typer.Option("--quick", help="3 tasks x 3 trials")] = False,
     steps: RunStepsOpt = None,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="cap on episode length (smoke runs)")] = None,
-    video: Annotated[Optional[Path], typer.Option("--video", help="write an MP4 per episode here")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="results JSON (default: runs/libero/<suite>-<time>.json)")] = None,
+    video: Annotated[Optional[Path], typer.Option("--video", help="folder for MP4s (alone: one per episode)")] = None,
+    videos: Annotated[Optional[int], typer.Option("--videos", min=0, help="film trials 0..N-1 of each task")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="report JSON (default: libero-results/SUITE.json); episodes in OUT.episodes.jsonl beside it")] = None,
     assets: Annotated[Optional[Path], typer.Option("--assets", help="LIBERO assets folder (default: $PI_BUILD_LIBERO_ASSETS, else ../shared/libero/assets)")] = None,
     seed: Annotated[int, typer.Option("--seed")] = 7,
     device: DeviceOpt = "auto",
+    workers: Annotated[int, typer.Option("--workers", min=1, help="episodes run in parallel (Ray workers)")] = 1,
+    address: Annotated[Optional[str], typer.Option("--address", help="join this Ray cluster (HOST:PORT, ray://HOST:PORT, auto) instead of a local one")] = None,
+    policy: Annotated[Optional[PolicyLocation], typer.Option("--policy", help="run the policy in each worker, or behind one server (default: worker on CPU, server on GPU)")] = None,
+    server_url: Annotated[Optional[str], typer.Option("--server-url", help="call this policy server (ws://HOST:PORT of `pi-run serve`) instead of starting one")] = None,
 ) -> None:
-    """Closed-loop evaluation in the LIBERO simulator, with openpi's protocol."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    """Closed-loop evaluation in the LIBERO simulator with openpi's protocol, episodes run in parallel on Ray.
 
-    from pi_build import artifacts
+    Each finished episode is appended to OUT.episodes.jsonl at once; the same command run again
+    skips the episodes already there.
+    """
+    from pi_build import artifacts, io
     from pi_build.envs import libero as env
-    from pi_build.io import write_json
-    from pi_build.runtime.policy import load_policy
-    from pi_build.runtime.timing import latency_stats
+    from pi_build.evaluation import ResultsFile, build_report, episodes_path, plan_episodes, print_report, run_evaluation
+    from pi_build.evaluation.cluster import check_reachable
+    from pi_build.evaluation.progress import episode_progress
+    from pi_build.evaluation.protocol import parse_suites, parse_task_ids
 
-    if suite not in env.SUITES:
-        raise typer.BadParameter(f"{suite!r} is not a LIBERO suite; use one of {', '.join(env.SUITES)}", param_hint="--suite")
-    task_ids = parse_int_list(tasks, "--tasks", minimum=0)
-    if quick:
-        task_ids, trials = (task_ids or [0, 1, 2])[:3], 3
+    suites, task_ids = parse_suites(suite), parse_task_ids(tasks)
+    if address is not None:  # seconds, before the slower steps below
+        check_reachable(address)
+    loaded = None if server_url else _recipe(recipe, model_id, artifacts.engines_dir(engines), steps, device, set_)
+    policy_plan, identity = _policy_plan(policy, server_url, loaded, artifacts.engines_dir(engines))
     try:
-        env.setup_libero(assets)
-    except (ModuleNotFoundError, FileNotFoundError, RuntimeError) as e:
+        assets = env.setup_libero(assets)
+    except (ModuleNotFoundError, FileNotFoundError, RuntimeError) as e:  # LIBERO missing, its assets, a GL library
         raise InputError(str(e)) from None
-    n_available = len(env.list_tasks(suite))
-    if task_ids is not None and (bad := [t for t in task_ids if not 0 <= t < n_available]):
-        raise typer.BadParameter(f"task {bad[0]} is out of range: {suite} has tasks 0-{n_available - 1}", param_hint="--tasks")
-    folder = artifacts.engines_dir(engines)
-    policy = load_policy(_pipelines(_recipe(recipe, model_id, folder, steps, device, set_), folder))
-    out = out or Path("runs") / "libero" / f"{suite}-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
-    timings: list[dict] = []
-
-    def timed_policy(obs: dict):
-        reply = policy(obs)
-        timings.append(reply["policy_timing"])
-        return reply["actions"]
-
-    n_tasks = len(task_ids) if task_ids is not None else n_available
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
-        job = bar.add_task(f"{suite} episodes", total=n_tasks * trials)
-        result = env.evaluate(suite, task_ids, trials, timed_policy, max_steps=max_steps, seed=seed, video_dir=video,
-                              progress=lambda task, trial, r: bar.advance(job))
-    table = Table(title=f"{suite}: success")
-    for col in ("task", "description", "success", "episodes"):
-        table.add_column(col)
-    for task in result.tasks:
-        table.add_row(str(task.task_id), task.description, f"{task.success_rate:.0%}", str(len(task.episodes)))
-    table.add_row("all", "", f"{result.success_rate:.0%}", str(sum(len(t.episodes) for t in result.tasks)))
-    console.print(table)
-    latency = {k: latency_stats([t[k] for t in timings]) for k in timings[0]} if timings else {}
-    lat = Table(title=f"policy latency during the run (ms, {policy.pipeline.device})")
-    for col in ("stage", "mean", "std", "p50", "p95", "n"):
-        lat.add_column(col, justify="right")
-    for k, s in latency.items():
-        lat.add_row(k, f"{s['mean']:.2f}", f"{s['std']:.2f}", f"{s['p50']:.2f}", f"{s['p95']:.2f}", str(s["count"]))
-    console.print(lat)
-    console.print(f"results: {write_json(out, {**result.to_dict(), 'latency_ms': latency})}")
+    plan = plan_episodes(suites, task_ids, trials, seed=seed, max_steps_cap=max_steps, quick=quick)
+    out = out or Path("libero-results") / f"{suite.replace(',', '+')}.json"
+    results = ResultsFile(episodes_path(out))
+    video_dir, video_trials = _video_settings(video, videos, trials, out)
+    with episode_progress(console, len(plan), f"{'+'.join(suites)} episodes") as on_episode:
+        run = run_evaluation(plan, results, policy_plan, workers=workers, address=address, video_dir=video_dir,
+                             video_trials=video_trials, assets=assets, on_episode=on_episode, identity=identity)
+    report = build_report(run, results_file=results.path, seed=seed)
+    io.write_json(out, report)
+    print_report(report, console)
+    console.print(f"results: {out} (episodes: {results.path})")
 
 
 @app.command()
@@ -233,9 +269,7 @@ def serve(
     server.check_can_listen(host, port)  # before the engines load, which can take minutes
     folder = artifacts.engines_dir(engines)
     policy = load_policy(_pipelines(_recipe(recipe, model_id, folder, steps, device, set_), folder))
-    p = policy.pipeline
-    metadata = {"model_id": p.manifests["vision"]["model_id"], "horizon": p.horizon, "steps": p.steps,
-                "cameras": list(p.cameras), "engines": p.versions(), "batch_sizes": list(policy.batch_sizes)}
+    metadata = _server_metadata(policy)
     console.print(f"serving on ws://{host}:{port} (GET /healthz, /metrics), batches of up to "
                   f"{min(max_batch, policy.max_batch)}; Ctrl-C stops")
     server.serve(policy, host=host, port=port, metadata=metadata, max_batch=max_batch, max_wait_ms=max_wait_ms,

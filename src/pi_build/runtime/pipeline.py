@@ -246,6 +246,19 @@ def recipe_of_model(engines: Path, model_id: str) -> Recipe:
     raise artifacts.ArtifactError(f"no engines of model {model_id!r} under {engines}: `pi-build list` shows what is there")
 
 
+def selected_versions(engines: Path, recipe: Recipe, device: torch.device | str | None = None) -> dict[str, dict[str, str]]:
+    """The engine versions ``load_pipelines`` would load for each shape, found without loading any."""
+    device = torch.device(device) if device is not None else resolve_device(recipe.model.device)
+    info, toolchain = artifacts.device_info(device), artifacts.toolchain_versions()
+    versions = {}
+    for batch in recipe.model.batch:
+        for prompt_len in recipe.model.prompt_lengths:
+            selected = artifacts.select_engines(engines, recipe, batch=batch, prompt_len=prompt_len, device=info,
+                                                toolchain=toolchain, build_command=build_command(recipe))
+            versions[f"batch {batch}, prompt {prompt_len}"] = {str(c): a.version for c, a in selected.items()}
+    return versions
+
+
 def load_pipelines(engines: Path, recipe: Recipe, device: torch.device | str | None = None,
                    shapes: list[tuple[int, int]] | None = None) -> list[Pipeline]:
     """One pipeline per engine shape (batch size, prompt length): by default every one the recipe

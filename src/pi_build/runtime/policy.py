@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,7 @@ from pi_build.io import read_json
 from pi_build.model.norm_stats import parse_norm_stats
 from pi_build.model.pi0 import ModelInputs, config_from_dict
 from pi_build.model.tokenizer import PromptTokenizer
+from pi_build.recipe import Recipe
 from pi_build.runtime import batching
 from pi_build.runtime.pipeline import Pipeline, select_cameras
 from pi_build.spec import Component
@@ -148,3 +150,16 @@ def load_policy(pipelines: Pipeline | Sequence[Pipeline], *, graphs: bool = True
         if graphs and pipeline.device.type == "cuda":
             pipeline.capture()
     return Policy({(p.batch, p.prompt_len): p for p in pipelines}, transforms_from_engines(pipelines[-1]), seed=seed)
+
+
+def policy_for_recipe(engines: Path, recipe: Recipe, device: str | None = None) -> Policy:
+    """The policy over the engines ``recipe`` asks for (every batch size and prompt bucket it names):
+    a picklable recipe for a worker process to load its own copy from (LIBERO evaluation on Ray)."""
+    from pi_build.runtime.pipeline import cpu_threads_for_serving, load_pipelines
+
+    pipelines = load_pipelines(engines, recipe, device)
+    if pipelines[0].device.type == "cpu":
+        cpu_threads_for_serving()
+    return load_policy(pipelines)
+
+
