@@ -99,6 +99,17 @@ def test_results_file_drops_a_torn_last_line_and_counts_each_episode_once(tmp_pa
     assert [r["trial"] for r in results.read().values()] == [0, 1, 2]
 
 
+def test_results_file_refuses_episodes_of_other_engines(tmp_path):
+    ours = {"model_id": "t", "engines": {"batch 1, prompt 200": {"vision": "v1", "kvcache": "v1", "denoise": "v2"}}}
+    theirs = {"model_id": "t", "engines": {"batch 1, prompt 200": {"vision": "v1", "kvcache": "v1", "denoise": "v1"}}}
+    results = ResultsFile(tmp_path / "r.episodes.jsonl")
+    results.append({**_record(SUITE, 0, 0, True), "engines": theirs})
+    plan = [Episode(SUITE, 0, 0, 7, 10), Episode(SUITE, 0, 1, 7, 10)]
+    assert list(results.finished(plan, theirs)) == [plan[0].key]  # the same engines: resumed
+    with pytest.raises(InputError, match="run by other engines .* choose another --out"):
+        results.finished(plan, ours)
+
+
 def test_results_file_refuses_a_foreign_line_and_another_step_budget(tmp_path):
     path = tmp_path / "run.episodes.jsonl"
     path.write_text('{"hello": 1}\n' + json.dumps(_record(SUITE, 0, 0, True)) + "\n")

@@ -103,7 +103,7 @@ def _run_and_keep(todo: Sequence[Episode], settings: WorkerSettings, workers: in
     with contextlib.closing(_run_on_ray(todo, settings, workers)) as finished_episodes:
         for episode, outcome in finished_episodes:
             if identity is not None:
-                outcome.record["policy"] = identity
+                outcome.record["engines"] = identity
             done[episode.key] = _keep(outcome, results, video_dir)
             _call(on_episode, done[episode.key])
 

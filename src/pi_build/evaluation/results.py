@@ -78,9 +78,9 @@ class ResultsFile:
             record = records.get(episode.key)
             if record is None:
                 continue
-            if policy is not None and record.get("policy") != policy:
+            if policy is not None and record.get("engines") != policy:
                 raise InputError(
-                    f"{self.path} holds {episode.label} run by another policy ({record.get('policy')}), not by this "
+                    f"{self.path} holds {episode.label} run by other engines ({record.get('engines')}), not by this "
                     f"run's ({policy}); choose another --out, or remove that file to start over"
                 )
             if record.get("max_steps") != episode.max_steps:
