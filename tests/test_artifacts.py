@@ -336,7 +336,7 @@ def pipeline(device: dict = H100) -> dict[str, Artifact]:
     for component, (inputs, outputs) in io.items():
         manifest = {
             "component": component, "model_id": "tiny", "version": "v1", "backend": "inductor", "files": {},
-            "inputs": inputs, "outputs": outputs, "source": {"weights_sha256": "ab" * 32},
+            "inputs": inputs, "outputs": outputs, "source": {"weights_sha256": "ab" * 32}, **copy.deepcopy(model),
             "recipe": {"model": dict(model)}, "toolchain": dict(TOOLCHAIN), "device": dict(device),
         }
         result[component] = Artifact(Path("engines/tiny") / component / "v1", copy.deepcopy(manifest))
@@ -389,11 +389,19 @@ def test_cache_dtype_and_missing_interface_refused():
 
 
 @pytest.mark.parametrize(("name", "value"), [("horizon", 50), ("batch", 2), ("prompt_len", 48), ("cameras", ["base_0_rgb"])])
-def test_shared_recipe_field_mismatch_refused_naming_it(name, value):
+def test_shared_shape_mismatch_refused_naming_it(name, value):
     arts = pipeline()
-    arts["denoise"].manifest["recipe"]["model"][name] = value
+    arts["denoise"].manifest[name] = value  # the shape the engine was built for
     msg = refused(arts)
-    assert f"model.{name}" in msg and f"tiny/denoise/v1 has {value}" in msg
+    assert f"disagree on {name}" in msg and f"tiny/denoise/v1 has {value}" in msg
+
+
+def test_vision_is_shared_by_every_prompt_bucket():
+    arts = pipeline()
+    arts["vision"].manifest["prompt_len"] = 32  # vision never sees the prompt
+    check_compatible(arts, device=H100, toolchain=TOOLCHAIN)
+    arts["kvcache"].manifest["prompt_len"] = 32  # but kvcache and denoise must agree
+    assert "disagree on prompt_len" in refused(arts)
 
 
 def test_other_gpu_architecture_refused():

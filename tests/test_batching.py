@@ -41,7 +41,6 @@ from test_serve import (
     from_json,
     http_get,
     infer,
-    openpi_client_python,  # noqa: F401  (a fixture)
     pack,
     random_observation,
     running_server,
@@ -468,46 +467,16 @@ def test_two_servers_keep_their_own_counts():
 
 # --- the runtime's Policy over engines built for batch 4 ---------------------------------------------
 
-BATCH4_RECIPE = """
-name = "b4"
-[model]
-checkpoint = "{checkpoint}"
-config = "pi05_tiny"
-cameras = ["base_0_rgb", "left_wrist_0_rgb"]
-masked_cameras = ["right_wrist_0_rgb"]
-prompt_len = 200
-horizon = 10
-batch = 4
-device = "cpu"
-[vision]
-backend = "eager"
-precision = "fp32"
-[kvcache]
-backend = "eager"
-precision = "fp32"
-[denoise]
-backend = "eager"
-precision = "fp32"
-steps = 2
-"""
-
-
 @pytest.fixture(scope="module")
 def batch4_policy(workspace):
     """The runtime's Policy over tiny fp32 engines built for batch size 4 (eager: about 20 s on 2 cores)."""
-    from conftest import build_app, invoke
+    from conftest import built_engines
 
-    from pi_build.runtime.policy import load_policy
-    from pi_build.runtime.pipeline import load_pipeline
     from pi_build.recipe import load_recipe
+    from pi_build.runtime.pipeline import load_pipeline
+    from pi_build.runtime.policy import load_policy
 
-    recipe = workspace["root"] / "b4.toml"
-    recipe.write_text(BATCH4_RECIPE.format(checkpoint=workspace["ckpt"]))
-    engines = workspace["root"] / "engines_b4"
-    if not (engines / "b4").exists():
-        result = invoke(build_app, ["all", "--recipe", recipe, "--engines", engines, "--skip", "export",
-                                    "--skip", "capture"])
-        assert result.exit_code == 0, result.output
+    recipe, engines = built_engines(workspace, "b4", "batch = 4", capture=False)
     return load_policy(load_pipeline(engines, load_recipe(recipe), "cpu"))
 
 
@@ -600,7 +569,7 @@ def _run_openpi_client(python: Path, port: int, requests: list[dict], tmp_path: 
 
 @pytest.mark.slow
 def test_eight_concurrent_openpi_clients_get_the_actions_they_get_one_at_a_time(
-    openpi_client_python, batch4_policy, tmp_path  # noqa: F811
+    openpi_client_python, batch4_policy, tmp_path
 ):
     requests = libero_requests(8)
     with running_server(batch4_policy, max_batch=4, max_wait_ms=60_000) as port:

@@ -12,12 +12,10 @@ import contextlib
 import http.client
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -220,37 +218,6 @@ def test_round_trip_with_our_client():
 
 
 # --- openpi's own client --------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def openpi_client_python() -> Path:
-    """Python of a venv with openpi-client==0.1.2 (pinned numpy<2), created once and then reused."""
-    cache = Path(os.environ.get("PI_BUILD_CACHE", REPO / ".cache"))
-    venv = cache / "openpi-client-venv"
-    python = venv / "bin" / "python"
-    if python.exists():
-        return python
-    cache.mkdir(parents=True, exist_ok=True)
-    # Built beside its final place and renamed at the end, so a half-made venv is never reused.
-    # (Only the bin/ scripts of a venv hold absolute paths; bin/python works after the rename.)
-    staging = Path(tempfile.mkdtemp(prefix="openpi-client-venv.", dir=cache))
-    try:
-        subprocess.run([sys.executable, "-m", "venv", str(staging)], check=True, capture_output=True, timeout=120)
-        install = subprocess.run(
-            [str(staging / "bin" / "python"), "-m", "pip", "install", "--quiet", "--retries", "1", "--timeout", "30",
-             "openpi-client==0.1.2", "typing_extensions"],
-            capture_output=True, text=True, timeout=600,
-        )  # fmt: skip
-        if install.returncode != 0:
-            reason = f"cannot install openpi-client==0.1.2 (no PyPI?): {install.stderr.strip()[-500:]}"
-            if os.environ.get("CI"):
-                pytest.fail(reason)  # CI has PyPI: there this is a real failure
-            pytest.skip(reason)
-        with contextlib.suppress(OSError):  # another test run may have finished first
-            staging.rename(venv)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return python
 
 
 def from_json(value):

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from pi_build import artifacts
-from pi_build.cli.build import app as build_app
 from pi_build.errors import InputError
 from pi_build.model.checkpoints import load_checkpoint
 from pi_build.model.pi0 import ModelInputs
@@ -14,41 +13,11 @@ from pi_build.runtime.pipeline import load_pipeline, load_pipelines
 from pi_build.runtime.policy import load_policy
 from pi_build.transforms.libero import load_recorded_observations
 
-from conftest import invoke
-
-SHAPES_RECIPE = """
-name = "s"
-[model]
-checkpoint = "{checkpoint}"
-config = "pi05_tiny"
-cameras = ["base_0_rgb", "left_wrist_0_rgb"]
-masked_cameras = ["right_wrist_0_rgb"]
-prompt_len = 200
-prompt_buckets = [16, 48]
-horizon = 10
-batch = [1, 2]
-device = "cpu"
-[vision]
-backend = "eager"
-precision = "fp32"
-[kvcache]
-backend = "eager"
-precision = "fp32"
-[denoise]
-backend = "eager"
-precision = "fp32"
-steps = 2
-"""
-
+from conftest import built_engines
 
 @pytest.fixture(scope="module")
 def shaped(workspace):
-    recipe = workspace["root"] / "s.toml"
-    recipe.write_text(SHAPES_RECIPE.format(checkpoint=workspace["ckpt"]))
-    engines = workspace["root"] / "engines_shapes"
-    if not (engines / "s" / "pipeline").exists():
-        result = invoke(build_app, ["all", "--recipe", recipe, "--engines", engines, "--skip", "export"])
-        assert result.exit_code == 0, result.output
+    recipe, engines = built_engines(workspace, "s", "batch = [1, 2]\nprompt_buckets = [16, 48]")
     return load_recipe(recipe), engines
 
 

@@ -150,7 +150,7 @@ def _policy_plan(where: PolicyLocation | None, server_url: str | None, recipe, e
 
     from pi_build.evaluation import InWorkerPolicy, LocalServer, ServerPolicy
     from pi_build.evaluation.policies import server_metadata
-    from pi_build.runtime.pipeline import resolve_device, selected_versions
+    from pi_build.runtime.pipeline import describe, resolve_device, selected_engines
     from pi_build.runtime.policy import policy_for_recipe
 
     if server_url is not None:
@@ -160,9 +160,11 @@ def _policy_plan(where: PolicyLocation | None, server_url: str | None, recipe, e
         return ServerPolicy(server_url), {"server": server_url, "model_id": metadata.get("model_id"), "engines": metadata.get("engines")}
     device = resolve_device(recipe.model.device)
     folder = engines.resolve()  # workers may start in another folder
-    identity = {"model_id": recipe.name, "engines": selected_versions(folder, recipe, device)}  # found, not loaded
-    for shape, versions in identity["engines"].items():
-        console.print(f"{recipe.name} on {device}, {shape}: {versions}", soft_wrap=True)
+    selected = selected_engines(folder, recipe, device)  # found, not loaded
+    identity = {"model_id": recipe.name, "engines": {shape: {str(c): m["version"] for c, m in manifests.items()}
+                                                     for shape, manifests in selected.items()}}
+    for shape, manifests in selected.items():
+        console.print(f"{recipe.name} on {device}, {shape}: {describe(manifests)}", soft_wrap=True)
     where = where or (PolicyLocation.worker if device.type == "cpu" else PolicyLocation.server)
     load = functools.partial(policy_for_recipe, folder, recipe, str(device))
     if where == PolicyLocation.server:

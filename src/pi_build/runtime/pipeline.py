@@ -55,6 +55,15 @@ def cpu_threads_for_serving() -> int:
     return threads
 
 
+def describe(manifests: dict[Component, Manifest]) -> str:
+    """"vision v1 (bf16, inductor); kvcache v2 (fp8, inductor); denoise v1 (bf16, inductor, 10 steps)"."""
+    rows = []
+    for c, m in manifests.items():
+        steps = f", {m['steps']} steps" if c == Component.DENOISE else ""
+        rows.append(f"{c} {m['version']} ({m['precision']}, {m['backend']}{steps})")
+    return "; ".join(rows)
+
+
 def select_cameras(cameras: Sequence[str], images: Tensor, image_masks: Tensor) -> tuple[Tensor, Tensor]:
     """Model inputs carry every camera in CAMERAS order; engines take their recipe's ``cameras`` only."""
     idx = [CAMERAS.index(c) for c in cameras]
@@ -86,12 +95,8 @@ class Pipeline:
         return {str(c): m["version"] for c, m in self.manifests.items()}
 
     def describe(self) -> str:
-        """One line per component: the version, steps and precision chosen (printed at start-up)."""
-        rows = []
-        for c, m in self.manifests.items():
-            steps = f", {m['steps']} steps" if c == Component.DENOISE else ""
-            rows.append(f"{c} {m['version']} ({m['precision']}, {m['backend']}{steps})")
-        return "; ".join(rows)
+        """The version, steps and precision of each engine chosen (printed at start-up)."""
+        return describe(self.manifests)
 
     # -------------------------------------------------------------- eager (graph-free) path
 
@@ -246,8 +251,8 @@ def recipe_of_model(engines: Path, model_id: str) -> Recipe:
     raise artifacts.ArtifactError(f"no engines of model {model_id!r} under {engines}: `pi-build list` shows what is there")
 
 
-def selected_versions(engines: Path, recipe: Recipe, device: torch.device | str | None = None) -> dict[str, dict[str, str]]:
-    """The engine versions ``load_pipelines`` would load for each shape, found without loading any."""
+def selected_engines(engines: Path, recipe: Recipe, device: torch.device | str | None = None) -> dict[str, dict[Component, Manifest]]:
+    """The manifests of the engines ``load_pipelines`` would load for each shape, found without loading any."""
     device = torch.device(device) if device is not None else resolve_device(recipe.model.device)
     info, toolchain = artifacts.device_info(device), artifacts.toolchain_versions()
     versions = {}
@@ -255,7 +260,7 @@ def selected_versions(engines: Path, recipe: Recipe, device: torch.device | str 
         for prompt_len in recipe.model.prompt_lengths:
             selected = artifacts.select_engines(engines, recipe, batch=batch, prompt_len=prompt_len, device=info,
                                                 toolchain=toolchain, build_command=build_command(recipe))
-            versions[f"batch {batch}, prompt {prompt_len}"] = {str(c): a.version for c, a in selected.items()}
+            versions[f"batch {batch}, prompt {prompt_len}"] = {c: a.manifest for c, a in selected.items()}
     return versions
 
 
