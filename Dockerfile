@@ -21,6 +21,6 @@ COPY pyproject.toml README.md ./
 COPY src ./src
 COPY recipes ./recipes
 COPY scripts ./scripts
-RUN pip install -e '.[onnx,quant,serve,bench]'
+RUN pip install -e '.[onnx,quant,serve,bench,eval]'
 
 CMD ["pi-build", "--help"]
