@@ -21,6 +21,7 @@ import torch
 
 from pi_build.engine.components import Shapes, build_component, denoise_loop
 from pi_build.model.pi0 import build_model, get_config
+from pi_build.runtime.timing import graph_replay_ms
 
 
 def fp8_from_hooks(module: torch.nn.Module, batches: list[tuple], keep: tuple[str, ...]) -> torch.nn.Module:
@@ -46,25 +47,8 @@ def fp8_from_hooks(module: torch.nn.Module, batches: list[tuple], keep: tuple[st
 
 
 def timed_graph(fn, iters: int = 50) -> float:
-    """ms per replay of a CUDA graph of fn() (warmed up on a side stream first)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    for _ in range(5):
-        g.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        g.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / iters
+    """ms per replay of a CUDA graph of fn() (runtime.timing's graph timer)."""
+    return graph_replay_ms(fn, iters=iters, warmup=5)[0]
 
 
 def graph_time(fn, args, steps: int) -> float:

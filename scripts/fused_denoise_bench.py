@@ -35,6 +35,7 @@ from pi_build.engine import build_component, reference_outputs
 from pi_build.engine.denoise import denoise_loop
 from pi_build.engine.layers import Shapes
 from pi_build.model.pi0 import KVCache, build_model, get_config
+from pi_build.runtime.timing import graph_replay_ms
 
 T0 = time.time()
 DEVICE = "cuda"  # --dry-run: "cpu" with the tiny configs, wall-clock timing, to check this script
@@ -100,26 +101,7 @@ def timed_loop(step_fn, loop_args: tuple, steps: int, rounds: int = 5, iters: in
     if DEVICE == "cpu":
         times = [wall_ms(fn) / steps for _ in range(rounds)]
         return statistics.median(times), max(times) - min(times)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    for _ in range(3):
-        g.replay()
-    times = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            g.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / iters / steps)
+    times = [ms / steps for ms in graph_replay_ms(fn, iters=iters, rounds=rounds, warmup=2)]
     return statistics.median(times), max(times) - min(times)
 
 
@@ -133,20 +115,7 @@ def graph_ms(fn, iters: int = 30) -> float:
     """ms per replay of a CUDA graph of fn()."""
     if DEVICE == "cpu":
         return wall_ms(fn)
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        g.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / iters
+    return graph_replay_ms(fn, iters=iters, warmup=1)[0]
 
 
 @torch.no_grad()
@@ -265,7 +234,6 @@ def copy_rates_tbs() -> dict:
             fn()
         ms = graph_ms(lambda: [fn() for _ in range(10)], iters=5) / 10
         rates[name] = 2 * a.numel() * 4 / (ms * 1e-3) / 1e12
-    del a, b
     return rates
 
 

@@ -56,3 +56,31 @@ def measure(stages: Sequence[Stage], device: torch.device, *, iters: int, warmup
         if i >= warmup:
             runs.append(times)
     return {name: latency_stats([r[name] for r in runs]) for name in runs[0]}
+
+
+@torch.no_grad()
+def graph_replay_ms(fn: Callable[[], object], *, iters: int = 50, rounds: int = 1, warmup: int = 3) -> list[float]:
+    """ms per replay of a CUDA graph of ``fn()``, one figure per round of ``iters`` replays (for the
+    experiment scripts). Warmed up on a side stream first: lazy initialization and workspace
+    allocation stay out of the graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    for _ in range(warmup):
+        graph.replay()
+    per_round = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        per_round.append(start.elapsed_time(end) / iters)
+    return per_round
