@@ -24,7 +24,7 @@ demo: setup
 	PATH=$(CURDIR)/.venv/bin:$$PATH bash scripts/demo.sh
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 clean:
 	rm -rf .venv engines/*/ checkpoints runs

@@ -44,5 +44,7 @@ def test_the_design_commands_run_as_typed(tmp_path):
     assert "vision v1 (fp32, inductor); kvcache v1 (fp8, inductor); denoise v1 (fp32, inductor, 3 steps)" in out
     written = out.split("results: ")[-1].split()[0]
     results = json.loads((folder / written).read_text())
-    assert written.startswith("runs/libero/libero_spatial-") and results["episodes"] == 9  # 3 tasks x 3 trials
+    assert written == "libero-results/libero_spatial.json" and results["episodes"] == 9  # 3 tasks x 3 trials
     assert [t["task_id"] for t in results["tasks"]] == [0, 1, 2]
+    episodes = (folder / "libero-results/libero_spatial.episodes.jsonl").read_text().splitlines()
+    assert len(episodes) == 9 and all(json.loads(line)["engines"] for line in episodes)
