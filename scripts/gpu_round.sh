@@ -8,7 +8,7 @@
 #
 # The work runs detached (setsid) so that it outlives one `run` call: call `poll` again within 30 s
 # and the machine stays warm. Carried wheels (.whl: ModelOpt, pydantic, websockets) are installed first.
-# PHASES (default "smoke pi05 pi0 batch") picks phases. Checkpoints land where the recipes look for
+# PHASES (default "smoke pi05 pi0 batch"; also "vision") picks phases. Checkpoints land where the recipes look for
 # them (checkpoints/<name>, relative to the copied code), engines under /tmp/pib/engines.
 set -uo pipefail
 W=/tmp/pib
@@ -30,14 +30,26 @@ phase_model() {   # $1 recipe name, $2 config, $3 horizon
   run bench --recipe recipes/$1.toml --steps 1,10 --json $W/bench_$1.json --png $W/bench_$1.png
 }
 
-phase_batch() {   # throughput: pi0.5's engines for batch 4 and 16 too (10 steps), benched beside batch 1
-  sed 's/^batch = 1$/batch = [4, 16]/' recipes/pi05_libero.toml > recipes/pi05_b4_16.toml
-  sed 's/^batch = 1$/batch = [1, 4, 16]/' recipes/pi05_libero.toml > recipes/pi05_batches.toml
-  build vision --recipe recipes/pi05_b4_16.toml && build kvcache --recipe recipes/pi05_b4_16.toml &&
-  build denoise --recipe recipes/pi05_b4_16.toml &&
+# The LIBERO prompt runs on the 32-token bucket: the batch and vision recipes build that shape alone.
+one_bucket() { sed -e 's/^prompt_len = 200$/prompt_len = 32/' -e '/^prompt_buckets/d' recipes/pi05_libero.toml; }
+pi05_checkpoint() {
+  [ -d checkpoints/pi05_libero ] || build checkpoint --config pi05 --horizon 10 --dtype bfloat16 --out checkpoints/pi05_libero
+}
+
+phase_batch() {   # throughput: pi0.5's engines for batch 1, 4 and 16 (10 steps), benched side by side
+  one_bucket | sed 's/^batch = 1$/batch = [1, 4, 16]/' > recipes/pi05_batches.toml
+  pi05_checkpoint && build all --recipe recipes/pi05_batches.toml --skip export &&
   run bench --recipe recipes/pi05_batches.toml --steps 10 --batch 1,4,16 --no-reference --json $W/bench_batch.json
 }
-export -f build run phase_smoke phase_model phase_batch
+
+phase_vision() {  # vision variants at batch 1: Inductor's max-autotune (recipe vision.autotune), then FP8
+  one_bucket > recipes/pi05_b1.toml
+  pi05_checkpoint && build vision --recipe recipes/pi05_b1.toml --set vision.autotune=true &&
+  run bench --recipe recipes/pi05_b1.toml --set vision.autotune=true --steps 10 --no-reference --json $W/bench_vision_autotune.json &&
+  build vision --recipe recipes/pi05_b1.toml --fp8 && build capture --recipe recipes/pi05_b1.toml --set vision.precision=fp8 &&
+  run bench --recipe recipes/pi05_b1.toml --set vision.precision=fp8 --steps 10 --no-reference --json $W/bench_vision_fp8.json
+}
+export -f build run one_bucket pi05_checkpoint phase_smoke phase_model phase_batch phase_vision
 export W
 
 case "${1:-}" in
@@ -50,7 +62,7 @@ case "${1:-}" in
       for p in ${PHASES:-smoke pi05 pi0 batch}; do
         echo "=== phase $p $(date +%T)"
         case $p in
-          smoke) phase_smoke ;; pi05) phase_model pi05_libero pi05 10 ;; pi0) phase_model pi0_libero pi0 50 ;; batch) phase_batch ;;
+          smoke) phase_smoke ;; pi05) phase_model pi05_libero pi05 10 ;; pi0) phase_model pi0_libero pi0 50 ;; batch) phase_batch ;; vision) phase_vision ;;
         esac || { echo "=== phase $p FAILED"; break; }
       done; echo "=== done $(date +%T)"' > $W/log 2>&1 < /dev/null &)
     sleep 5; tail -3 $W/log ;;

@@ -151,6 +151,22 @@ def test_steps_and_precision_pick_their_engines(workspace, tmp_path):
     assert f"pi-build denoise --recipe {workspace['recipe']} --steps 7" in " ".join(result.output.split())
 
 
+def test_autotuned_engines_are_asked_for_and_the_hint_carries_the_overrides(workspace, tmp_path):
+    """<component>.autotune is part of what an engine is: recorded, matched, and named in the fix-it command."""
+    engines = tmp_path / "engines"
+    shutil.copytree(workspace["engines"], engines)
+    with pytest.raises(artifacts.ArtifactError) as info:
+        pipeline_of(workspace, engines, **{"vision.autotune": True, "model.batch": [1, 2]})
+    message = " ".join(str(info.value).split())
+    assert "autotune false (the recipe asks for true)" in message
+    assert f"`pi-build vision --recipe {workspace['recipe']} --set 'model.batch=[1, 2]' --set vision.autotune=true`" in message
+    assert invoke(build_app, ["vision", "--recipe", workspace["recipe"], "--engines", engines,
+                              "--set", "vision.autotune=true"]).exit_code == 0
+    assert artifacts.load_artifact(engines / "t/vision/v2").manifest["autotune"] is True
+    assert pipeline_of(workspace, engines, **{"vision.autotune": True}).versions()["vision"] == "v2"
+    assert pipeline_of(workspace, engines).versions()["vision"] == "v1"  # the recipe's own: not autotuned
+
+
 def test_engines_run_without_the_checkpoint(workspace, tmp_path):
     """Build on one machine, deploy the engines folder alone: tokenizer and norm stats travel with it."""
     engines = tmp_path / "robot" / "engines"

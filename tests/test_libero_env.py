@@ -200,6 +200,51 @@ def test_episode_follows_openpi_protocol(env):
 
 
 @needs_libero
+def test_cameras_render_only_at_the_steps_whose_images_are_read(env):
+    """The same episode with the cameras rendered at every step and only where read: bit-identical
+    requests (images and state) and actions; and the switch really skips the renders. Each episode
+    runs in a fresh env of the same seed: a reset re-places the objects the initial state does not
+    hold, so two episodes of one env differ in their images whatever the rendering."""
+    seed = int(np.random.default_rng().integers(2**31))
+
+    def episode(render_every_step: bool) -> tuple[list[dict], list[list[float]]]:
+        rng, requests = np.random.default_rng(seed), []
+
+        def policy(request):
+            requests.append(request)
+            return rng.uniform(-0.3, 0.3, size=(10, 7))
+
+        fresh = RecordingEnv(libero.make_env(SUITE, TASK_ID))
+        try:
+            libero.run_episode(fresh, policy, task_description="x", initial_state=libero.initial_states(SUITE, TASK_ID)[1],
+                               max_steps=MAX_STEPS, num_wait=4, render_every_step=render_every_step)
+        finally:
+            fresh.env.close()
+        return requests, [list(a) for a in fresh.actions]
+
+    every, every_actions = episode(True)
+    lazy, lazy_actions = episode(False)
+    assert lazy_actions == every_actions and len(lazy) == len(every) == math.ceil(MAX_STEPS / 5)
+    for a, b in zip(every, lazy):
+        for key in ("observation/image", "observation/wrist_image", "observation/state"):
+            np.testing.assert_array_equal(a[key], b[key], err_msg=f"seed {seed}: {key}")
+
+    env.reset()
+    robosuite_env = env.env.env
+    render = libero.render_only_when_read(env)
+    renders = []
+    original = robosuite_env.sim.render
+    robosuite_env.sim.render = lambda *args, **kwargs: renders.append(kwargs.get("camera_name")) or original(*args, **kwargs)
+    render(False)
+    for _ in range(3):
+        env.step(libero.WAIT_ACTION)
+    assert renders == []
+    render(True)
+    env.step(libero.WAIT_ACTION)
+    assert sorted(renders) == ["agentview", "robot0_eye_in_hand"]
+
+
+@needs_libero
 def test_episode_rejects_a_short_action_chunk(env):
     with pytest.raises(ValueError, match=r"replan_steps=5.*\(3, 7\)"):
         libero.run_episode(

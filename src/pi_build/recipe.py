@@ -32,6 +32,7 @@ Fields, with the defaults used when a field (or its whole section) is left out. 
 | model.device | "auto" | auto (cuda if present, else cpu), cuda or cpu |
 | vision / kvcache / denoise .backend | "inductor" | inductor (AOTInductor .pt2), tensorrt or eager |
 | vision / kvcache / denoise .precision | "bf16" | fp32, bf16 or fp8 |
+| vision / kvcache / denoise .autotune | false | inductor only, on a GPU: pick GEMM kernels (cuBLAS or Triton templates with fused epilogues) by timing them while compiling; slower builds, recorded in the manifest and asked of the engine at load |
 | denoise.steps | 10 | Euler steps baked into the denoise engine |
 | quantize.calibration | "generated" | recorded (observations recorded earlier), generated (synthetic inputs), or a path to an .npz of raw observations |
 | quantize.samples | 16 | calibration samples |
@@ -177,6 +178,7 @@ class ModelSpec(_Section):
 class ComponentSpec(_Section):
     backend: Annotated[Backend, _choice(Backend)] = Backend.INDUCTOR
     precision: Annotated[Precision, _choice(Precision)] = Precision.BF16
+    autotune: bool = False  # Inductor's max-autotune: GEMM kernels chosen by timing them at build time
 
 
 class DenoiseSpec(ComponentSpec):

@@ -66,6 +66,7 @@ class Manifest(TypedDict, total=False):
     device: dict[str, Any]  # device_info() of the build device
     build_seconds: float
     engine_runner: str  # aoti | torch.compile | eager | tensorrt (backends)
+    autotune: bool  # compiled with Inductor's max-autotune (recipe <component>.autotune); loads with it too
     engine_files: list[str]
     aoti_problem: str | None
     triton_kernels: dict[str, Any] | None

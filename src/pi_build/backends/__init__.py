@@ -28,13 +28,15 @@ def _as_tuple(out) -> tuple[Tensor, ...]:
     return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
 
-def compile_engine(module: nn.Module, example_inputs: tuple[Tensor, ...], backend: Backend, out_dir: Path) -> dict[str, Any]:
-    """Build the engine files for ``module`` into ``out_dir``; returns {"files": [...], "runner": ..., ...}."""
+def compile_engine(module: nn.Module, example_inputs: tuple[Tensor, ...], backend: Backend, out_dir: Path,
+                   autotune: bool = False) -> dict[str, Any]:
+    """Build the engine files for ``module`` into ``out_dir``; returns {"files": [...], "runner": ..., ...}.
+    ``autotune`` (inductor): GEMM kernels chosen by timing them, on a GPU."""
     backend = Backend(backend)
     if backend == Backend.INDUCTOR:
         from pi_build.backends import inductor
 
-        return inductor.compile_engine(module, example_inputs, out_dir)
+        return inductor.compile_engine(module, example_inputs, out_dir, autotune)
     if backend == Backend.EAGER:
         from pi_build.backends import eager
 
@@ -45,12 +47,12 @@ def compile_engine(module: nn.Module, example_inputs: tuple[Tensor, ...], backen
     return {"files": sorted(p.name for p in out_dir.iterdir() if p.is_file()), "runner": "tensorrt"}
 
 
-def load_engine(folder: Path, runner: str, device: torch.device) -> Engine:
-    """Load the engine in ``folder`` built by ``compile_engine`` (``runner`` from its manifest)."""
+def load_engine(folder: Path, runner: str, device: torch.device, autotune: bool = False) -> Engine:
+    """Load the engine in ``folder`` built by ``compile_engine`` (``runner`` and ``autotune`` from its manifest)."""
     if runner in ("aoti", "torch.compile"):
         from pi_build.backends import inductor
 
-        engine = inductor.load_engine(folder, runner, device)
+        engine = inductor.load_engine(folder, runner, device, autotune)
     elif runner == "eager":
         from pi_build.backends import eager
 

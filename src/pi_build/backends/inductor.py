@@ -35,9 +35,11 @@ def export_program(module: nn.Module, example_inputs: tuple[Tensor, ...]) -> tor
         return torch.export.export(module, example_inputs, strict=False)
 
 
-def _options(cuda: bool) -> dict[str, Any]:
-    # max_autotune picks GEMM/attention kernels by measurement (GPU only; it multiplies compile time).
-    return {"max_autotune": cuda and os.environ.get("PI_BUILD_MAX_AUTOTUNE") == "1"}
+def _options(cuda: bool, autotune: bool) -> dict[str, Any]:
+    # max_autotune picks GEMM kernels by timing them (GPU only; it multiplies compile time). A
+    # torch.compile engine must load with the options it was built with: they are part of the key of
+    # the shipped kernel cache, and other options would compile the program anew at load.
+    return {"max_autotune": cuda and autotune}
 
 
 _PROBE = """
@@ -80,7 +82,7 @@ def python_ops(program: torch.export.ExportedProgram) -> list[str]:
     return sorted({str(n.target) for n in program.graph.nodes if n.op == "call_function" and str(n.target).startswith("pi_build.")})
 
 
-def compile_engine(module: nn.Module, example_inputs: tuple[Tensor, ...], out_dir: Path) -> dict[str, Any]:
+def compile_engine(module: nn.Module, example_inputs: tuple[Tensor, ...], out_dir: Path, autotune: bool = False) -> dict[str, Any]:
     """Engine files for ``module`` in ``out_dir``: {"files": [...], "runner": aoti | torch.compile, "aoti_problem"?}."""
     program = export_program(module, example_inputs)
     cuda = example_inputs[0].is_cuda
@@ -89,12 +91,12 @@ def compile_engine(module: nn.Module, example_inputs: tuple[Tensor, ...], out_di
     if ok and custom_ops:
         ok, problem = False, f"the engine calls pi-build's Triton kernels ({', '.join(custom_ops)}), which AOTInductor packages cannot hold"
     if ok:
-        torch._inductor.aoti_compile_and_package(program, package_path=str(out_dir / AOTI_FILE), inductor_configs=_options(cuda))
+        torch._inductor.aoti_compile_and_package(program, package_path=str(out_dir / AOTI_FILE), inductor_configs=_options(cuda, autotune))
         return {"files": [AOTI_FILE], "runner": AOTI}
     # Fall back to the same Inductor kernels through torch.compile, with their cache shipped.
     torch.export.save(program, str(out_dir / PROGRAM_FILE))
     torch.compiler.reset()
-    compiled = torch.compile(program.module(), options=_options(cuda))
+    compiled = torch.compile(program.module(), options=_options(cuda, autotune))
     with torch.no_grad():
         compiled(*example_inputs)
     cache_bytes, _ = torch.compiler.save_cache_artifacts() or (b"", None)
@@ -102,7 +104,7 @@ def compile_engine(module: nn.Module, example_inputs: tuple[Tensor, ...], out_di
     return {"files": [PROGRAM_FILE, CACHE_FILE], "runner": TORCH_COMPILE, "aoti_problem": problem}
 
 
-def load_engine(folder: Path, runner: str, device: torch.device):
+def load_engine(folder: Path, runner: str, device: torch.device, autotune: bool = False):
     """The engine in ``folder``, called like the component: ``engine(*inputs) -> outputs``."""
     if runner == AOTI:
         return torch._inductor.aoti_load_package(str(folder / AOTI_FILE))
@@ -112,4 +114,4 @@ def load_engine(folder: Path, runner: str, device: torch.device):
     cache = (folder / CACHE_FILE).read_bytes()
     if cache:
         torch.compiler.load_cache_artifacts(cache)
-    return torch.compile(module, options=_options(device.type == "cuda"))
+    return torch.compile(module, options=_options(device.type == "cuda", autotune))

@@ -230,17 +230,18 @@ def stage_compile(reference: Reference, recipe: Recipe, component: Component, en
     with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory() as assets_tmp:
         log(f"  compiling {component} with {spec.backend} ({spec.precision}, batch {batch}"
             + (f", prompt {prompt_len})" if component != Component.VISION else ")"))
-        engine_info = backends.compile_engine(module, inputs, spec.backend, Path(tmp))
+        engine_info = backends.compile_engine(module, inputs, spec.backend, Path(tmp), spec.autotune)
         compile_seconds = time.perf_counter() - t0
         if engine_info["runner"] != "aoti" and spec.backend == Backend.INDUCTOR:
             log(f"  [yellow]{engine_info['aoti_problem']}[/]: the engine loads through torch.compile with its kernel cache")
-        engine_fn = backends.load_engine(Path(tmp), engine_info["runner"], reference.device)
+        engine_fn = backends.load_engine(Path(tmp), engine_info["runner"], reference.device, spec.autotune)
         report = gate_engine(reference, recipe, component, engine_fn, module)
         assets = _asset_files(reference, component, Path(assets_tmp))
         manifest = _manifest(reference, recipe, component, Stage.COMPILE, {
             "inputs": _io_spec(module.input_names, inputs),
             "outputs": _io_spec(module.output_names, outputs),
             "engine_runner": engine_info["runner"],
+            "autotune": spec.autotune,
             "engine_files": engine_info["files"],
             "aoti_problem": engine_info.get("aoti_problem"),
             "vocab_size": reference.model.cfg.vocab_size,

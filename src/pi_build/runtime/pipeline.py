@@ -11,6 +11,8 @@ graph for the whole pipeline (what ``run`` replays, no host syncs inside) and on
 
 from __future__ import annotations
 
+import json
+import shlex
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,8 +24,8 @@ from torch import Tensor
 from pi_build import artifacts, backends
 from pi_build.artifacts import Manifest
 from pi_build.engine.denoise import denoise_loop
-from pi_build.errors import InputError
-from pi_build.recipe import Recipe
+from pi_build.errors import InputError, RecipeError
+from pi_build.recipe import Recipe, load_recipe
 from pi_build.runtime import timing
 from pi_build.spec import CAMERAS, Component, Device
 
@@ -228,13 +230,38 @@ class Pipeline:
         return timing.measure(stages, self.device, iters=iters, warmup=warmup, end_to_end=end_to_end)
 
 
+def _flat(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"gates": {"fp8": {"cosine": 0.99}}} -> {"gates.fp8.cosine": 0.99}."""
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def build_command(recipe: Recipe) -> Callable[[Component], str]:
-    """The command that builds a recipe's engine of one component (for error messages)."""
+    """The command that builds a recipe's engine of one component (for error messages), with a
+    ``--set`` for each setting the engine depends on where ``recipe`` differs from its file (the
+    command's own ``--set`` / ``--fp8`` overrides)."""
+    try:
+        in_file = _flat(load_recipe(recipe.path).to_dict()) if recipe.path else None
+    except RecipeError:
+        in_file = None
+    wanted = _flat(recipe.to_dict())
 
     def command(component: Component) -> str:
         where = f" --recipe {recipe.path}" if recipe.path else ""
         steps = f" --steps {recipe.denoise.steps}" if component == Component.DENOISE else ""
-        return f"pi-build {component}{where}{steps}"
+        sets = ""
+        if in_file is not None:
+            sections = ("model.", f"{component}.", "quantize.", "gates.")
+            for key, value in wanted.items():
+                if key.startswith(sections) and key != "denoise.steps" and in_file.get(key) != value:
+                    text = json.dumps(value) if isinstance(value, (list, bool)) else str(value)
+                    sets += f" --set {shlex.quote(f'{key}={text}')}"
+        return f"pi-build {component}{where}{steps}{sets}"
 
     return command
 
@@ -280,7 +307,8 @@ def load_pipelines(engines: Path, recipe: Recipe, device: torch.device | str | N
         for art in selected.values():
             if art.path not in loaded:
                 artifacts.verify_artifact(art)
-                loaded[art.path] = backends.load_engine(art.path, art.manifest["engine_runner"], device)
+                loaded[art.path] = backends.load_engine(art.path, art.manifest["engine_runner"], device,
+                                                        bool(art.manifest.get("autotune", False)))
         pipelines.append(Pipeline({c: loaded[a.path] for c, a in selected.items()}, {c: a.manifest for c, a in selected.items()},
                                   device, {c: a.path for c, a in selected.items()}))
     return pipelines
