@@ -231,7 +231,7 @@ class Pipeline:
 
 
 def _flat(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"gates": {"fp8": {"cosine": 0.99}}} -> {"gates.fp8.cosine": 0.99}."""
+    """{"gates": {"bf16": {"cosine": 0.999}}} -> {"gates.bf16.cosine": 0.999}."""
     out: dict[str, Any] = {}
     for key, value in table.items():
         if isinstance(value, dict):
