@@ -209,8 +209,8 @@ CAMERA_OBSERVABLES = ("agentview_image", "robot0_eye_in_hand_image")
 
 def render_only_when_read(env) -> Callable[[bool], None]:
     """Lets the caller say, before each env.step, whether that step's camera images will be read;
-    returns that switch. Rendering is ~90% of a LIBERO step on a CPU (286 of 320 ms at 256x256,
-    two cameras) and openpi's protocol reads the images once per 5 steps.
+    returns that switch. Rendering is ~88% of a LIBERO step on a CPU (about 250 of 286 ms, two
+    cameras at 256x256) and openpi's protocol reads the images once per 5 steps.
 
     robosuite samples each camera at the first physics substep of a control step. The switch keeps
     that timing and only skips the render itself when off (the sensor returns its last image, which
