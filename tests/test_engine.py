@@ -83,3 +83,38 @@ def test_unknown_component_and_precision():
         build_component(model, "decoder", Shapes(), "fp32")
     with pytest.raises(ValueError, match="unknown precision"):
         build_component(model, "vision", Shapes(), "fp16")
+
+
+def test_vision_gpu_epilogues_pad_the_mlp_exactly(model):
+    """use_gpu_epilogues: the hidden units padded with zeros change nothing (float32, fresh images);
+    FP8 linears are left alone."""
+    from pi_build.engine.fp8 import apply_fp8
+
+    plain = build_component(model, "vision", shapes(model), "fp32")
+    padded = build_component(model, "vision", shapes(model), "fp32")
+    hidden = model.cfg.vision.mlp_dim
+    switched = padded.use_gpu_epilogues(pad_to=hidden + 48, gelu_epilogue=False)
+    assert switched == {"mlp_hidden": hidden + 48, "of_hidden": hidden, "gelu_epilogue": False}
+    assert all(b.fc1.weight.shape[0] == b.fc2.weight.shape[1] == hidden + 48 for b in padded.layers)
+    seed = int(torch.randint(2**31, ()))
+    images = plain.example_inputs(torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        m = metrics(padded(*images), plain(*images))
+    assert m["rel_err"] < 1e-6, (seed, m)
+
+    fp8 = build_component(model, "vision", shapes(model), "fp8")
+    weight_amax = float(fp8.layers[0].fc1.weight.abs().max())
+    apply_fp8(fp8, {"layers.0.fc1": {"input_amax": 4.0, "weight_amax": weight_amax}})
+    assert fp8.use_gpu_epilogues() == {} and not fp8.gelu_epilogue
+    assert fp8.layers[1].fc1.out_features == hidden  # nothing padded either
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: cuBLASLt's GELU epilogue")
+def test_vision_gelu_epilogue_is_tanh_gelu_on_cuda(model):
+    module = build_component(model, "vision", shapes(model, "bf16"), "bf16").cuda()
+    block = module.layers[0]
+    h = torch.randn(2, 256, block.fc1.in_features, device="cuda", dtype=torch.bfloat16)
+    expected = torch.nn.functional.gelu(torch.nn.functional.linear(h.float(), block.fc1.weight.float(), block.fc1.bias.float()), approximate="tanh")
+    module.use_gpu_epilogues()
+    got = module._fc1_gelu(block.fc1, h).float()[..., : expected.shape[-1]]
+    assert metrics(got, expected)["rel_err"] < 1e-2

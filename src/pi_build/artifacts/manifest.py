@@ -69,7 +69,7 @@ class Manifest(TypedDict, total=False):
     autotune: bool  # compiled with Inductor's max-autotune (recipe <component>.autotune); loads with it too
     engine_files: list[str]
     aoti_problem: str | None
-    triton_kernels: dict[str, Any] | None
+    gpu_kernels: dict[str, Any] | None  # what a GPU build switched to pi-build's kernels or library epilogues
     fp8_scales: dict[str, Any] | None  # the scales artifact an fp8 engine was made from
     assets: dict[str, str]  # what the runtime needs besides the engines: {"tokenizer": file, "norm_stats": file}
     vocab_size: int

@@ -96,7 +96,8 @@ def component_module(reference: Reference, recipe: Recipe, component: Component,
                      shapes: Shapes) -> tuple[nn.Module, dict | None]:
     """The component in its recipe precision, FP8 linears made from ``scales``. A denoise step
     compiled by Inductor on a GPU runs pi-build's Triton kernels: the fused step for bf16 and few
-    rows, else the per-op kernels. Returns the module and what was switched to the kernels (None: nothing)."""
+    rows, else the per-op kernels; a bf16 vision tower there pads its MLP and runs fc1's GELU in
+    the GEMM's epilogue. Returns the module and what was switched (None: nothing)."""
     from pi_build.engine import fused_denoise, kernels
     from pi_build.engine.fp8 import apply_fp8
 
@@ -111,6 +112,9 @@ def component_module(reference: Reference, recipe: Recipe, component: Component,
             module, switched = fused_denoise.use_fused_denoise(module.to(reference.device), Precision.BF16)
         else:
             switched = module.use_triton_kernels()
+    if (component == Component.VISION and spec.backend == Backend.INDUCTOR and spec.precision == Precision.BF16
+            and reference.device.type == "cuda"):
+        switched = module.use_gpu_epilogues()
     return module.to(reference.device).eval(), switched
 
 
@@ -223,7 +227,7 @@ def stage_compile(reference: Reference, recipe: Recipe, component: Component, en
     scales, scales_ref = calibrated or (None, None)
     if spec.precision == Precision.FP8 and scales is None:
         scales, scales_ref = _recorded_scales(reference, recipe, component, engines)
-    module, triton_kernels = component_module(reference, recipe, component, scales, reference.shapes(recipe, batch, prompt_len))
+    module, gpu_kernels = component_module(reference, recipe, component, scales, reference.shapes(recipe, batch, prompt_len))
     inputs = _inputs(module, 1, reference.device)
     with torch.no_grad():
         outputs = tuple(module(*inputs)) if component == Component.KVCACHE else (module(*inputs),)
@@ -246,7 +250,7 @@ def stage_compile(reference: Reference, recipe: Recipe, component: Component, en
             "aoti_problem": engine_info.get("aoti_problem"),
             "vocab_size": reference.model.cfg.vocab_size,
             "fp8_scales": scales_ref,
-            "triton_kernels": triton_kernels,
+            "gpu_kernels": gpu_kernels,
             "assets": sorted(assets),
             "accuracy": report,
             "build_seconds": time.perf_counter() - t0,
