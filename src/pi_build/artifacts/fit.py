@@ -135,8 +135,8 @@ def mismatches(artifact: Artifact, recipe: Any, component: Component, *, batch: 
         reasons.append(f"backend {m.get('backend')} (the recipe asks for {wanted.backend})")
     if m.get("precision") != wanted.precision:
         reasons.append(f"precision {m.get('precision')} (the recipe asks for {wanted.precision})")
-    if bool(m.get("autotune", False)) != wanted.autotune:
-        reasons.append(f"autotune {str(bool(m.get('autotune', False))).lower()} (the recipe asks for {str(wanted.autotune).lower()})")
+    if (autotuned := bool(m.get("autotune", False))) != wanted.autotune:
+        reasons.append(f"autotune {str(autotuned).lower()} (the recipe asks for {str(wanted.autotune).lower()})")
     if component == Component.DENOISE and m.get("steps") != recipe.denoise.steps:
         reasons.append(f"built for {m.get('steps')} steps (asked: {recipe.denoise.steps})")
     asked = {"batch": batch, "horizon": recipe.model.horizon, "cameras": [str(c) for c in recipe.model.cameras]}

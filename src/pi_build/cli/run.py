@@ -72,18 +72,6 @@ def _recipe(recipe: Path | None, model_id: str | None, engines: Path, steps: int
     return loaded.with_component(Component.DENOISE, steps=steps) if steps is not None else loaded
 
 
-def _pipelines(recipe, engines: Path):
-    """The recipe's engines, one pipeline per shape it names; start-up prints what was chosen."""
-    from pi_build.runtime.pipeline import cpu_threads_for_serving, load_pipelines
-
-    pipelines = load_pipelines(engines, recipe)
-    if pipelines[0].device.type == "cpu":
-        cpu_threads_for_serving()
-    for pipeline in pipelines:
-        console.print(f"{recipe.name} on {pipeline.device}, batch {pipeline.batch}: {pipeline.describe()}", soft_wrap=True)
-    return pipelines
-
-
 ModelIdOpt = Annotated[Optional[str], typer.Option("--model-id", help="run the recipe recorded in this model's newest engines (no recipe file needed)")]
 RunStepsOpt = Annotated[Optional[int], typer.Option("--steps", min=1, help="denoising steps (picks the denoise engine built for them)")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cuda or cpu (default: the recipe's)")]
@@ -264,13 +252,16 @@ def serve(
     """A websocket policy server speaking openpi's protocol (openpi-client works unchanged)."""
     from pi_build import artifacts
     from pi_build.runtime import serve as server
-    from pi_build.runtime.policy import load_policy
+    from pi_build.runtime.policy import policy_for_recipe
 
     if api_key is not None and not api_key.strip():
         raise typer.BadParameter("the key is empty: give one, or unset PI_BUILD_API_KEY", param_hint="--api-key")
     server.check_can_listen(host, port)  # before the engines load, which can take minutes
     folder = artifacts.engines_dir(engines)
-    policy = load_policy(_pipelines(_recipe(recipe, model_id, folder, steps, device, set_), folder))
+    loaded = _recipe(recipe, model_id, folder, steps, device, set_)
+    policy = policy_for_recipe(folder, loaded)
+    for pipeline in policy.pipelines.values():
+        console.print(f"{loaded.name} on {pipeline.device}, batch {pipeline.batch}: {pipeline.describe()}", soft_wrap=True)
     metadata = _server_metadata(policy)
     console.print(f"serving on ws://{host}:{port} (GET /healthz, /metrics), batches of up to "
                   f"{min(max_batch, policy.max_batch)}; Ctrl-C stops")

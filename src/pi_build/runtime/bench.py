@@ -47,13 +47,11 @@ def libero_prompt_tokens(engines: Path, recipe: Recipe, device: torch.device) ->
     observation's, in the prompt format of openpi's LIBERO policies): the prompt length a bench times
     by default. Reads the tokenizer the kvcache engine carries, without loading any engine."""
     from pi_build.model.tokenizer import PromptTokenizer
-    from pi_build.runtime.pipeline import build_command
+    from pi_build.runtime.pipeline import select_for_shapes
     from pi_build.runtime.policy import TOKENIZER_FILE
     from pi_build.transforms.libero import load_recorded_observations
 
-    selected = artifacts.select_engines(engines, recipe, batch=min(recipe.model.batch), prompt_len=recipe.model.prompt_len,
-                                        device=artifacts.device_info(device), toolchain=artifacts.toolchain_versions(),
-                                        build_command=build_command(recipe))
+    [(_, selected)] = select_for_shapes(engines, recipe, device, [(min(recipe.model.batch), recipe.model.prompt_len)])
     tokenizer = PromptTokenizer(selected[Component.KVCACHE].file(TOKENIZER_FILE), max_len=recipe.model.prompt_len, truncate=False)
     return len(tokenizer.token_ids(load_recorded_observations()[0]["prompt"]))
 

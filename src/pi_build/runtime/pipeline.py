@@ -278,17 +278,22 @@ def recipe_of_model(engines: Path, model_id: str) -> Recipe:
     raise artifacts.ArtifactError(f"no engines of model {model_id!r} under {engines}: `pi-build list` shows what is there")
 
 
+def select_for_shapes(engines: Path, recipe: Recipe, device: torch.device,
+                      shapes: list[tuple[int, int]] | None = None) -> list[tuple[tuple[int, int], dict[Component, artifacts.Artifact]]]:
+    """The engines ``recipe`` asks for at each shape (batch size, prompt length), found without
+    loading any: by default every shape the recipe names (each batch size x prompt bucket), smallest first."""
+    info, toolchain, command = artifacts.device_info(device), artifacts.toolchain_versions(), build_command(recipe)
+    shapes = shapes or [(b, length) for b in recipe.model.batch for length in recipe.model.prompt_lengths]
+    return [((batch, prompt_len), artifacts.select_engines(engines, recipe, batch=batch, prompt_len=prompt_len, device=info,
+                                                           toolchain=toolchain, build_command=command))
+            for batch, prompt_len in shapes]
+
+
 def selected_engines(engines: Path, recipe: Recipe, device: torch.device | str | None = None) -> dict[str, dict[Component, Manifest]]:
     """The manifests of the engines ``load_pipelines`` would load for each shape, found without loading any."""
     device = torch.device(device) if device is not None else resolve_device(recipe.model.device)
-    info, toolchain = artifacts.device_info(device), artifacts.toolchain_versions()
-    versions = {}
-    for batch in recipe.model.batch:
-        for prompt_len in recipe.model.prompt_lengths:
-            selected = artifacts.select_engines(engines, recipe, batch=batch, prompt_len=prompt_len, device=info,
-                                                toolchain=toolchain, build_command=build_command(recipe))
-            versions[f"batch {batch}, prompt {prompt_len}"] = {c: a.manifest for c, a in selected.items()}
-    return versions
+    return {f"batch {batch}, prompt {prompt_len}": {c: a.manifest for c, a in selected.items()}
+            for (batch, prompt_len), selected in select_for_shapes(engines, recipe, device)}
 
 
 def load_pipelines(engines: Path, recipe: Recipe, device: torch.device | str | None = None,
@@ -297,13 +302,9 @@ def load_pipelines(engines: Path, recipe: Recipe, device: torch.device | str | N
     names (each batch size x prompt bucket), smallest first. An engine two shapes share (vision,
     which never sees the prompt) is loaded once."""
     device = torch.device(device) if device is not None else resolve_device(recipe.model.device)
-    info, toolchain = artifacts.device_info(device), artifacts.toolchain_versions()
-    shapes = shapes or [(b, length) for b in recipe.model.batch for length in recipe.model.prompt_lengths]
     loaded: dict[Path, backends.Engine] = {}
     pipelines = []
-    for batch, prompt_len in shapes:
-        selected = artifacts.select_engines(engines, recipe, batch=batch, prompt_len=prompt_len, device=info,
-                                            toolchain=toolchain, build_command=build_command(recipe))
+    for _, selected in select_for_shapes(engines, recipe, device, shapes):
         for art in selected.values():
             if art.path not in loaded:
                 artifacts.verify_artifact(art)

@@ -161,5 +161,3 @@ def policy_for_recipe(engines: Path, recipe: Recipe, device: str | None = None) 
     if pipelines[0].device.type == "cpu":
         cpu_threads_for_serving()
     return load_policy(pipelines)
-
-
