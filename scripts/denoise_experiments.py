@@ -19,9 +19,11 @@ import time
 
 import torch
 
-from pi_build.engine.components import Shapes, build_component, denoise_loop
+from pi_build.engine import build_component
+from pi_build.engine.denoise import denoise_loop
+from pi_build.engine.layers import Shapes
 from pi_build.model.pi0 import build_model, get_config
-from pi_build.runtime.timing import graph_replay_ms
+from pi_build.runtime.timing import graph_replay_ms, kernel_profile, kernel_profile_text
 
 
 def fp8_from_hooks(module: torch.nn.Module, batches: list[tuple], keep: tuple[str, ...]) -> torch.nn.Module:
@@ -106,21 +108,24 @@ def gemm_experiments(sweep: bool) -> None:
 
 def attention_experiments() -> None:
     from pi_build.engine import kernels
-    from pi_build.engine.components import few_query_attention
+    from pi_build.engine.layers import mqa_attention
 
     for t, s_cache in ((10, 712), (51, 560)):
         q = torch.randn(1, t, 8, 256, device="cuda", dtype=torch.bfloat16)
         kc, vc = (torch.randn(1, s_cache, 256, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         kn, vn = (torch.randn(1, t, 256, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         mask = torch.rand(1, t, s_cache + t, device="cuda") > 0.2
-        ref = kernels.attention_reference(q, kc, vc, kn, vn, mask)
+        keys, values = torch.cat([kc, kn], 1).double(), torch.cat([vc, vn], 1).double()
+        logits = torch.einsum("bthd,bsd->bths", q.double(), keys) * 256**-0.5
+        logits = logits.masked_fill(~mask[:, :, None, :], float("-inf"))
+        ref = torch.einsum("bths,bsd->bthd", logits.softmax(-1), values)
         got = kernels.few_query_attention(q, kc, vc, kn, vn, mask)
         torch.cuda.synchronize()
         err = ((got.double() - ref).norm() / ref.norm()).item()
         def library():
             k = torch.cat([kc, kn], 1)[:, None]
             v = torch.cat([vc, vn], 1)[:, None]
-            return few_query_attention(q.transpose(1, 2), k, v, mask)
+            return mqa_attention(q.transpose(1, 2), k, v, mask)
         lib = torch.compile(library)
         tri = torch.compile(lambda: kernels.few_query_attention(q, kc, vc, kn, vn, mask))
         ms_lib = timed_graph(lambda: [lib() for _ in range(18)]) / 18
@@ -184,14 +189,7 @@ def prefix_attention_experiments() -> None:
 
 
 def profile(compiled, inputs, label: str) -> None:
-    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        compiled(*inputs)
-        torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-    total = sum(e.self_device_time_total for e in events)
-    print(f"{label}: one step, no graph: {sum(e.count for e in events)} kernels, {total / 1e3:.3f} ms of kernel time")
-    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:30]:
-        print(f"  {e.self_device_time_total / 1e3:7.3f} ms  x{e.count:<4} {e.key[:160]}")
+    print(kernel_profile_text(f"{label}, one step", kernel_profile(lambda: compiled(*inputs), top=30)))
 
 
 def main() -> None:
@@ -199,6 +197,8 @@ def main() -> None:
     parser.add_argument("--variants", default="", help="comma list of: library, triton, fp8, triton-fp8, autotune")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--config", default="pi05")
+    parser.add_argument("--batch", type=int, default=1, help="robots per step (--variants)")
+    parser.add_argument("--prompt-len", type=int, default=0, help="prompt tokens (--variants; default 200 for pi0.5, 48 for pi0)")
     parser.add_argument("--gemms", action="store_true")
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--attention", action="store_true")
@@ -221,8 +221,8 @@ def main() -> None:
     cfg = get_config(args.config).replace(action_horizon=horizon)
     model = build_model(cfg, dtype=torch.bfloat16, device="cuda", seed=0)
     print(f"model ready in {time.time() - t0:.0f} s")
-    prompt_len = 200 if args.config == "pi05" else 48
-    shapes = Shapes(batch=1, cameras=2, prompt_len=prompt_len, horizon=horizon, steps=args.steps, kv_dtype=torch.bfloat16)
+    prompt_len = args.prompt_len or (200 if args.config == "pi05" else 48)
+    shapes = Shapes(batch=args.batch, cameras=2, prompt_len=prompt_len, horizon=horizon, steps=args.steps, kv_dtype=torch.bfloat16)
     base = build_component(model, "denoise", shapes, "bf16")
     x, step, k, v, mask, state = (t.cuda() for t in base.example_inputs(torch.Generator().manual_seed(0)))
     loop_args = (x, k, v, mask, state)

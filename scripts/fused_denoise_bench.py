@@ -35,7 +35,7 @@ from pi_build.engine import build_component, reference_outputs
 from pi_build.engine.denoise import denoise_loop
 from pi_build.engine.layers import Shapes
 from pi_build.model.pi0 import KVCache, build_model, get_config
-from pi_build.runtime.timing import graph_replay_ms
+from pi_build.runtime.timing import graph_replay_ms, kernel_profile
 
 T0 = time.time()
 DEVICE = "cuda"  # --dry-run: "cpu" with the tiny configs, wall-clock timing, to check this script
@@ -49,7 +49,7 @@ def log(msg: str) -> None:
 
 
 @torch.no_grad()
-def expert_model(config: str, seed: int):
+def expert_model(config: str, seed: int, batch: int = 1, prompt_len: int = 0):
     """bf16 model (openpi's dtype policy) with random weights where a denoise step reads them."""
     horizon = 10 if config.startswith("pi05") else 50
     cfg = get_config(config).replace(action_horizon=horizon)
@@ -61,8 +61,8 @@ def expert_model(config: str, seed: int):
             continue
         std = p[0].numel() ** -0.5 if p.ndim >= 2 else 0.02  # as model.init_random_weights
         p.copy_(torch.randn(p.shape, generator=g, device=DEVICE) * std)
-    prompt_len = 200 if config.startswith("pi05") else 48
-    shapes = Shapes(batch=1, cameras=2, prompt_len=prompt_len, horizon=horizon, steps=10, kv_dtype=torch.bfloat16)
+    prompt_len = prompt_len or (200 if config.startswith("pi05") else 48)
+    shapes = Shapes(batch=batch, cameras=2, prompt_len=prompt_len, horizon=horizon, steps=10, kv_dtype=torch.bfloat16)
     return model, shapes
 
 
@@ -139,13 +139,7 @@ def profile(compiled, inputs) -> dict:
         return {"kernels": 0, "kernel_ms": 0.0, "top": []}
     compiled(*inputs)
     torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        compiled(*inputs)
-        torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-    top = sorted(events, key=lambda e: -e.self_device_time_total)[:12]
-    return {"kernels": sum(e.count for e in events), "kernel_ms": sum(e.self_device_time_total for e in events) / 1e3,
-            "top": [[round(e.self_device_time_total / 1e3, 4), e.count, e.key[:90]] for e in top]}
+    return kernel_profile(lambda: compiled(*inputs), top=12)
 
 
 # ----------------------------------------------------------------------------- fused-step details
@@ -194,6 +188,8 @@ def sweep_candidates(rows: int, fp8: bool) -> list[tuple[str, dict]]:
     51 rows: all slower or equal (docs/FUSED-DENOISE.md)."""
     if rows <= 16:  # default 64x256, 4 warps
         out = [("gemm 128x256 w8", dict(tile_rows=128, warps=8))]
+    elif rows > fd.ROW_BLOCK:  # several row blocks: fewer K splits write fewer float32 partials
+        out = [("gemm 64x256 w8", dict(tile_rows=64, warps=8)), ("gemm 64x512 w8", dict(tile_rows=64, k_slice=512, warps=8))]
     else:  # default 128x256, 8 warps
         out = [("gemm 64x256 w8", dict(tile_rows=64, warps=8))]
     return out if fp8 else out + [("attention 32 keys", dict(attn_keys=32))]
@@ -254,7 +250,7 @@ MODELS: dict = {}  # config -> (bf16 model, shapes, float32 reference model), bu
 
 def run_config(config: str, paths: list[str], args, rate: float, result: dict) -> dict:
     if config not in MODELS:
-        model, shapes = expert_model(config, seed=0)
+        model, shapes = expert_model(config, seed=0, batch=args.batch, prompt_len=args.prompt_len)
         MODELS[config] = (model, shapes, copy.deepcopy(model).float())
         log(f"{config}: models ready")
     model, shapes, ref_model = MODELS[config]
@@ -334,6 +330,8 @@ def main() -> None:
                         help="space-separated config:paths, run in this order; paths from fused, fused-fp8, triton, library")
     parser.add_argument("--sweep", default="", help="fused paths (fused, fused-fp8) whose tilings to sweep")
     parser.add_argument("--profile-all", action="store_true", help="profile the library and Triton paths too")
+    parser.add_argument("--batch", type=int, default=1, help="robots per step (rows = batch x suffix tokens)")
+    parser.add_argument("--prompt-len", type=int, default=0, help="prompt tokens (default 200 for pi0.5, 48 for pi0)")
     parser.add_argument("--budget-s", type=float, default=420, help="skip the remaining paths after this many seconds")
     parser.add_argument("--out", default=None, help="folder for bench.json")
     parser.add_argument("--no-compile", action="store_true", help="eager modules (dry runs)")

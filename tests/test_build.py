@@ -151,6 +151,26 @@ def test_steps_and_precision_pick_their_engines(workspace, tmp_path):
     assert f"pi-build denoise --recipe {workspace['recipe']} --steps 7" in " ".join(result.output.split())
 
 
+def test_rowwise_fp8_is_recorded_matched_and_within_its_gate(workspace, tmp_path):
+    """quantize.scaling = rowwise builds a kvcache of row-wise Fp8Linears; the engine records its
+    scheme, and a recipe asking for the other scheme does not take it."""
+    engines = tmp_path / "engines"
+    shutil.copytree(workspace["engines"], engines)
+    rowwise = {"quantize.scaling": "rowwise"}
+    with pytest.raises(artifacts.ArtifactError, match="other \\[quantize\\] settings"):
+        pipeline_of(workspace, engines, **rowwise)  # the tensor-scaled engine is not what it asks for
+    result = invoke(build_app, ["kvcache", "--recipe", workspace["recipe"], "--engines", engines, "--set", "quantize.scaling=rowwise"])
+    assert result.exit_code == 0, result.output
+    kv = artifacts.load_artifact(engines / "t" / "kvcache" / "v2").manifest
+    assert kv["fp8_scaling"] == "rowwise" and kv["recipe"]["quantize"]["scaling"] == "rowwise"
+    assert kv["accuracy"]["passed"] and kv["accuracy"]["cosine"] > 0.99
+    scales = artifacts.load_artifact(artifacts.latest_artifact(engines, "t", "kvcache-fp8-scales")).manifest
+    assert scales["quantize"]["scaling"] == "rowwise"
+    assert artifacts.load_artifact(engines / "t" / "kvcache" / "v1").manifest["fp8_scaling"] == "tensor"
+    assert pipeline_of(workspace, engines, **rowwise).versions()["kvcache"] == "v2"
+    assert pipeline_of(workspace, engines).versions()["kvcache"] == "v1"  # the recipe's own (tensor) engine
+
+
 def test_autotuned_engines_are_asked_for_and_the_hint_carries_the_overrides(workspace, tmp_path):
     """<component>.autotune is part of what an engine is: recorded, matched, and named in the fix-it command."""
     engines = tmp_path / "engines"

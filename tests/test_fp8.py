@@ -323,6 +323,59 @@ def test_fp8_components_of_the_tiny_model(config):
                 assert rel_err(out, ref) > 1e-4, name
 
 
+# ----------------------------------------------------------------------------- row-wise scaling
+
+
+def test_rowwise_equals_per_row_dequantize_reference():
+    """Each input row and each weight row with its own scale: F.linear of the dequantized operands."""
+    linear = random_linear(64, 32, True, seed=8)
+    layer = Fp8Linear.rowwise(linear)
+    assert layer.scaling == fp8.Fp8Scaling.ROWWISE and layer.input_scale is None
+    assert layer.weight_scale.shape == (32,) and layer.weight.dtype == torch.float8_e4m3fn
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(3, 5, 64, generator=gen) * torch.logspace(-3, 3, 5)[None, :, None]  # rows of very different sizes
+
+    def dequantized_rows(t):
+        scale = t.abs().amax(-1, keepdim=True) / 448.0
+        return torch.clamp(t / scale, -448.0, 448.0).to(torch.float8_e4m3fn).float() * scale
+
+    expected = F.linear(dequantized_rows(x), dequantized_rows(linear.weight), linear.bias)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+    assert rel_err(layer(x), linear(x)) < 0.05
+
+
+def test_rowwise_keeps_small_tokens_where_a_tensor_scale_loses_them():
+    """One token 1000x larger than the others: its scale no longer flushes the others to FP8's subnormals."""
+    linear = random_linear(64, 64, False, seed=10)
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(8, 64, generator=gen) * 1e-2
+    x[3] *= 1e5
+    tensor = Fp8Linear(linear, x.abs().max().item(), linear.weight.abs().max().item())
+    rowwise = Fp8Linear.rowwise(linear)
+    small = [i for i in range(8) if i != 3]
+    exact = linear(x)[small]
+    assert rel_err(rowwise(x)[small], exact) < 0.05
+    assert rel_err(tensor(x)[small], exact) > 0.2
+
+
+def test_apply_fp8_rowwise_takes_names_not_amaxes(toy, toy_scales):
+    module = apply_fp8(copy.deepcopy(toy), toy_scales, fp8.Fp8Scaling.ROWWISE)
+    layers = {n: m for n, m in module.named_modules() if isinstance(m, Fp8Linear)}
+    assert set(layers) == set(toy_scales)
+    assert all(m.scaling == fp8.Fp8Scaling.ROWWISE for m in layers.values())
+    batch = toy_batches(5)[0]
+    assert cosine(module(*batch), toy(*batch)) > 0.999
+    with pytest.raises(ValueError):
+        apply_fp8(copy.deepcopy(toy), toy_scales, "per-block")
+
+
+def test_export_rowwise_module():
+    model = nn.Sequential(Fp8Linear.rowwise(random_linear(32, 64, True, seed=12)), nn.GELU())
+    x = torch.randn(4, 3, 32)
+    exported = torch.export.export(model, (x,))
+    torch.testing.assert_close(exported.module()(x), model(x))
+
+
 # ----------------------------------------------------------------------------- CUDA (the real FP8 GEMM)
 
 
@@ -356,3 +409,17 @@ def test_saturation_and_export_on_cuda():
     exported = torch.export.export(layer, (x,))
     assert "_scaled_mm" in str(exported.graph)
     assert torch.equal(exported.module()(x), layer(x))
+
+
+@pytest.mark.skipif(not CUDA_FP8, reason="needs a CUDA GPU with FP8 tensor cores (compute capability >= 8.9)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rowwise_scaled_mm_matches_emulation_on_cuda(dtype):
+    linear = random_linear(256, 512, False, seed=13).to("cuda", dtype)
+    layer = Fp8Linear.rowwise(linear)
+    x = torch.randn(2, 37, 256, device="cuda", dtype=dtype) * torch.logspace(-2, 2, 37, device="cuda")[None, :, None].to(dtype)
+    out = layer(x)
+    emulated = fp8.emulated_rowwise_fp8_linear(x, layer.weight, layer.weight_scale, None)
+    assert out.dtype == dtype and out.shape == (2, 37, 512)
+    assert rel_err(out, emulated) < 1e-2  # the product is rounded to bf16 either way on the GPU
+    exported = torch.export.export(layer, (x,))
+    assert "_scaled_mm" in str(exported.graph)

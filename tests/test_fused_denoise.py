@@ -135,6 +135,10 @@ def workspace(rows: int, cols: int, device: str) -> tuple[torch.Tensor, torch.Te
     return torch.full((rows * cols * 64,), float("nan"), device=device), torch.zeros(1024, dtype=torch.int32, device=device)
 
 
+def block_rows(m: int) -> int:
+    return fd.plan_tiling(m, fd.ExpertDims(depth=1, width=64, heads=2, head_dim=32, mlp=64)).block_m
+
+
 def run_norm_gemm(inputs: dict, tile: "fd.GemmTile", device: str) -> torch.Tensor:
     i = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     m = i["x"].shape[0]
@@ -142,7 +146,7 @@ def run_norm_gemm(inputs: dict, tile: "fd.GemmTile", device: str) -> torch.Tenso
     out = torch.full((m, out_cols), float("nan"), dtype=torch.bfloat16, device=device)  # poisoned: every element must be written
     parts, counters = workspace(m, i["weight"].shape[0], device)
     fd.launch_norm_gemm(i["x"], i["sumsq"], i["table"], i["step"], i["layer"], i["weight"], i["wscale"], i["cos"], i["sin"],
-                        out, parts, counters, tile, max(16, fd.triton_next_pow2(m)), 4, i["half"], i["rot_groups"], i["gelu"])
+                        out, parts, counters, tile, block_rows(m), 4, i["half"], i["rot_groups"], i["gelu"])
     return out
 
 
@@ -154,7 +158,7 @@ def run_residual_gemm(inputs: dict, tile: "fd.GemmTile", device: str, warps: int
     sumsq = torch.full((n // tile.rows, m), float("nan"), device=device)
     parts, counters = workspace(m, n, device)
     fd.launch_residual_gemm(i["a"], i["weight"], i["wscale"], i["table"], i["step"], i["layer"], x_in, x_out, sumsq,
-                            parts, counters, tile, max(16, fd.triton_next_pow2(m)), warps)
+                            parts, counters, tile, block_rows(m), warps)
     return x_out, sumsq
 
 
@@ -185,8 +189,8 @@ def tiny_step(config: str, precision: str = "bf16", batch: int = 1):
     return library, reference, fused, info, inputs
 
 
-def step_metrics(config: str, precision: str) -> dict:
-    library, reference, fused, _, inputs = tiny_step(config, precision)
+def step_metrics(config: str, precision: str, batch: int = 1) -> dict:
+    library, reference, fused, _, inputs = tiny_step(config, precision, batch)
     with torch.no_grad():
         got = fused(*inputs)
         lib = library(*inputs)
@@ -196,7 +200,8 @@ def step_metrics(config: str, precision: str) -> dict:
 
 
 # The kernels' cases: (name, kind, kwargs, tiling (+ warps)). Odd row counts; splits of 1, 3, 4 and 6;
-# key splits of 5 and 7, two batches; FP8 weights; residual in place and out of place.
+# key splits of 5 and 7, two batches; FP8 weights; residual in place and out of place; more rows
+# than one 64-row block (2 and 3 blocks, the last one partial).
 KERNEL_CASES = [
     ("qkv m10 split3", "norm", dict(m=10, k=96, heads=3, head_dim=32, mlp=0, gelu=False, fp8=False, seed=11), (32, 32)),
     ("qkv m3 split1", "norm", dict(m=3, k=64, heads=3, head_dim=32, mlp=0, gelu=False, fp8=False, seed=12), (16, 64)),
@@ -206,6 +211,10 @@ KERNEL_CASES = [
     ("residual m10 split6", "residual", dict(m=10, n=64, k=96, fp8=False, in_place=False, seed=16), (32, 16, 1)),
     ("residual m51 in place", "residual", dict(m=51, n=64, k=64, fp8=False, in_place=True, seed=17), (32, 64)),
     ("residual m7 fp8 split4", "residual", dict(m=7, n=32, k=64, fp8=True, in_place=True, seed=18), (16, 16)),
+    ("qkv m150 3 row blocks split3", "norm", dict(m=150, k=96, heads=2, head_dim=32, mlp=0, gelu=False, fp8=False, seed=21), (32, 32)),
+    ("gate_up m100 fp8 2 row blocks", "norm", dict(m=100, k=64, heads=0, head_dim=32, mlp=48, gelu=True, fp8=True, seed=22), (32, 64)),
+    ("residual m130 3 row blocks split4", "residual", dict(m=130, n=64, k=64, fp8=False, in_place=True, seed=23), (32, 16)),
+    ("residual m70 2 row blocks", "residual", dict(m=70, n=32, k=64, fp8=False, in_place=False, seed=24), (16, 64)),
     ("attention b1 pi0.5", "attention", dict(b=1, t=10, s=150, heads=4, d=32, pi0_flags=False, seed=19), (32, 16, 1)),
     ("attention b2 pi0", "attention", dict(b=2, t=11, s=90, heads=2, d=16, pi0_flags=True, seed=20), (16, 16, 8)),
 ]
@@ -238,7 +247,7 @@ CHECKS = textwrap.dedent("""
     from test_fused_denoise import INTERPRETED_STEPS, kernel_results, step_metrics
     out = {{"kernels": kernel_results({device!r})}}
     if {device!r} == "cpu":  # the whole tiny steps through the interpreter
-        out["steps"] = {{f"{{c}} {{p}}": step_metrics(c, p) for c, p in INTERPRETED_STEPS}}
+        out["steps"] = {{f"{{c}} {{p}} {{b}}": step_metrics(c, p, b) for c, p, b in INTERPRETED_STEPS}}
     print(json.dumps(out))
 """)
 
@@ -273,7 +282,8 @@ def test_kernels_in_the_interpreter(interpreted):
     check_kernels(interpreted["kernels"])
 
 
-INTERPRETED_STEPS = [("pi05_tiny", "bf16"), ("pi0_tiny", "fp8")]  # each model, each precision (~7 s each)
+# each model, each precision (~7 s each), and a batch of 8 robots: 80 rows, two row blocks
+INTERPRETED_STEPS = [("pi05_tiny", "bf16", 1), ("pi0_tiny", "fp8", 1), ("pi05_tiny", "bf16", 8)]
 
 
 def check_step(m: dict, precision: str) -> None:
@@ -287,10 +297,10 @@ def check_step(m: dict, precision: str) -> None:
         assert cos_ref > 0.999 and err_ref < 5e-2, m
 
 
-@pytest.mark.parametrize("config, precision", INTERPRETED_STEPS)
-def test_whole_step_in_the_interpreter(interpreted, config, precision):
-    m = interpreted["steps"][f"{config} {precision}"]
-    print(config, precision, m)
+@pytest.mark.parametrize("config, precision, batch", INTERPRETED_STEPS)
+def test_whole_step_in_the_interpreter(interpreted, config, precision, batch):
+    m = interpreted["steps"][f"{config} {precision} {batch}"]
+    print(config, precision, batch, m)
     check_step(m, precision)
 
 
@@ -346,9 +356,10 @@ def test_pair_permutation_puts_partners_side_by_side():
 
 
 def test_full_size_tiling():
-    """pi0.5 (10 rows): 64-row x 256-K tiles, 4 warps; pi0 (51 rows): 128-row tiles, 8 warps."""
+    """pi0.5 (10 rows): 64-row x 256-K tiles, 4 warps; pi0 (51 rows): 128-row tiles, 8 warps; pi0.5 at batch
+    16 (160 rows): the same, in row blocks of 64."""
     dims = fd.ExpertDims(depth=18, width=1024, heads=8, head_dim=256, mlp=4096)
-    for rows, block_m, tile_rows, warps in ((10, 16, 64, 4), (51, 64, 128, 8)):
+    for rows, block_m, tile_rows, warps in ((10, 16, 64, 4), (51, 64, 128, 8), (160, 64, 128, 8)):
         t = fd.plan_tiling(rows, dims)
         assert (t.block_m, t.gemm_warps) == (block_m, warps)
         assert all((g.rows, g.k_slice) == (tile_rows, 256) for g in (t.qkv, t.o, t.gate_up, t.down))
@@ -378,9 +389,9 @@ def test_export_keeps_the_op_as_one_node():
 def test_refuses_what_it_cannot_compute():
     cfg = get_config("pi0_tiny")
     model = build_model(cfg, dtype=torch.float32, device="cpu", seed=0)
-    big = build_component(model, "denoise", Shapes(batch=2, cameras=2, prompt_len=16, horizon=50, steps=3), "bf16")
-    with pytest.raises(ValueError, match="at most 64 suffix rows"):
-        fd.use_fused_denoise(big)  # 2 x 51 rows
+    big = build_component(model, "denoise", Shapes(batch=6, cameras=2, prompt_len=16, horizon=50, steps=3), "bf16")
+    with pytest.raises(ValueError, match="at most 256 suffix rows"):
+        fd.use_fused_denoise(big)  # 6 x 51 rows
     fp32 = build_component(model, "denoise", Shapes(cameras=2, prompt_len=16, horizon=50, steps=3), "fp32")
     with pytest.raises(TypeError, match="bf16 denoise component"):
         fd.use_fused_denoise(fp32)

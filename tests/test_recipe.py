@@ -88,7 +88,7 @@ def test_defaults_for_omitted_fields(tmp_path):
     assert (r.model.config, r.model.masked_cameras, r.model.batch, r.model.device) == (None, (), (1,), "auto")
     assert r.model.prompt_buckets is None and r.model.prompt_lengths == (48,)
     assert (r.vision.backend, r.vision.precision, r.denoise.steps) == ("inductor", "bf16", 10)
-    assert r.quantize.calibration == "generated"
+    assert r.quantize.calibration == "generated" and r.quantize.scaling == "tensor"
     assert "action_out" in r.quantize.keep_high_precision
     assert r.actions_gate() == r.gates.actions.bf16
 
@@ -160,6 +160,7 @@ def test_steps_only_in_denoise(tmp_path):
         (("horizon = 50", "horizon = 50\ndevice = 'cpu'\n[kvcache]\nbackend = 'tensorrt'"), "kvcache.backend", "CUDA"),
         (("[vision]", "[quantize]\ncalibration = 'recordd'"), "quantize.calibration", ".npz"),
         (("[vision]", "[quantize]\nsamples = 0"), "quantize.samples", ">= 1"),
+        (("[vision]", "[quantize]\nscaling = 'per-block'"), "quantize.scaling", "'tensor' or 'rowwise'"),
         (("[vision]", "[quantize]\nkeep_high_precision = 'norm'"), "quantize.keep_high_precision", "list"),
         (("[vision]", "[gates.bf16]\ncosine = 1.5"), "gates.bf16.cosine", "(0, 1]"),
         (("[vision]", "[gates.actions.fp8]\nrel_err = -0.1"), "gates.actions.fp8.rel_err", "positive"),

@@ -37,6 +37,7 @@ Fields, with the defaults used when a field (or its whole section) is left out. 
 | quantize.calibration | "generated" | recorded (observations recorded earlier), generated (synthetic inputs), or a path to an .npz of raw observations |
 | quantize.samples | 16 | calibration samples |
 | quantize.keep_high_precision | see KEEP_HIGH_PRECISION | name patterns of linear layers never quantized |
+| quantize.scaling | "tensor" | tensor (static per-tensor scales from calibration) or rowwise (per-token input scales taken when the layer runs, per-channel weight scales) |
 | gates.<precision>.cosine / rel_err | see COMPONENT_GATES | what each component's outputs must reach against the reference model, by the component's precision |
 | gates.actions.<precision>.cosine / rel_err | see ACTION_GATES | what the assembled pipeline's actions must reach, picked by the least precise of the three components (one fp8 component -> gates.actions.fp8) |
 
@@ -60,7 +61,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from pi_build.errors import RecipeError
 from pi_build.io import sha256_json
-from pi_build.spec import CAMERAS, Backend, Camera, Component, Device, Gate, Precision
+from pi_build.spec import CAMERAS, Backend, Camera, Component, Device, Fp8Scaling, Gate, Precision
 
 try:
     import tomllib
@@ -189,6 +190,7 @@ class QuantizeSpec(_Section):
     calibration: Text = "generated"
     samples: Count = 16
     keep_high_precision: Names = KEEP_HIGH_PRECISION
+    scaling: Fp8Scaling = Fp8Scaling.TENSOR
 
     @pydantic.field_validator("calibration")
     @classmethod

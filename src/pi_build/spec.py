@@ -83,6 +83,19 @@ class Device(StrEnum):
     CPU = "cpu"
 
 
+class Fp8Scaling(StrEnum):
+    """How FP8 linears scale their operands (``engine.fp8``).
+
+    TENSOR: one static scale for the whole input, calibrated (max |x| over the calibration data),
+    and one for the whole weight. ROWWISE: each token's input row scaled by its own max |x| when
+    the layer runs, each weight row (output channel) by its own: no calibration of inputs, and
+    an outlier costs precision only in its own token and channel.
+    """
+
+    TENSOR = "tensor"
+    ROWWISE = "rowwise"
+
+
 class Stage(StrEnum):
     """The build stages, in order."""
 

@@ -88,7 +88,8 @@ def _inputs(module: nn.Module, seed: int, device: torch.device) -> tuple[Tensor,
 
 
 # The fused denoise step (engine.fused_denoise: 5 kernels a layer) beats the per-op Triton kernels
-# up to this many token rows; at pi0's 51 rows it does not (docs/FUSED-DENOISE.md).
+# up to this many token rows; at pi0's 51 rows it does not (docs/FUSED-DENOISE.md), nor at pi0.5's
+# 160 rows of batch 16 in 64-row blocks (H200: 2.30 against 1.39 ms a step, docs/PERFORMANCE.md).
 FUSED_DENOISE_MAX_ROWS = 16
 
 
@@ -104,7 +105,7 @@ def component_module(reference: Reference, recipe: Recipe, component: Component,
     spec = recipe.component(component)
     module = engine.build_component(reference.model, component, shapes, spec.precision)
     if spec.precision == Precision.FP8:
-        module = apply_fp8(module, scales)
+        module = apply_fp8(module, scales, recipe.quantize.scaling)
     switched = None
     if component == Component.DENOISE and spec.backend == Backend.INDUCTOR and kernels.triton_available(reference.device):
         rows = shapes.batch * module.ar_flags.shape[0]
@@ -180,7 +181,7 @@ def stage_quantize(reference: Reference, recipe: Recipe, component: Component, e
         manifest = _manifest(reference, recipe, component, Stage.QUANTIZE, {
             "backend": "modelopt",
             "quantize": {"calibration": q.calibration, "samples": len(batches), "layers": len(scales),
-                         "keep_high_precision": list(q.keep_high_precision)},
+                         "keep_high_precision": list(q.keep_high_precision), "scaling": q.scaling},
             "build_seconds": time.perf_counter() - t0,
         })
         return artifacts.write_artifact(engines, recipe.name, artifacts.scales_kind(component), {"scales.json": path}, manifest), scales
@@ -250,6 +251,7 @@ def stage_compile(reference: Reference, recipe: Recipe, component: Component, en
             "aoti_problem": engine_info.get("aoti_problem"),
             "vocab_size": reference.model.cfg.vocab_size,
             "fp8_scales": scales_ref,
+            "fp8_scaling": recipe.quantize.scaling if spec.precision == Precision.FP8 else None,
             "gpu_kernels": gpu_kernels,
             "assets": sorted(assets),
             "accuracy": report,

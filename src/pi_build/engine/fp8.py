@@ -3,11 +3,17 @@
     float module ──calibrate(forward_loop)──► {layer: {input_amax, weight_amax}} ──save_scales──► scales.json
     float module ──apply_fp8(scales)──► the same module with Fp8Linear in place of those nn.Linear layers
 
-Scheme: per-tensor, static, symmetric. Each quantized layer has one weight scale and one input
-scale, ``scale = amax / 448`` (448 is float8_e4m3fn's largest finite value); a tensor is quantized
-as ``fp8(clamp(x / scale, -448, 448))`` with round-to-nearest-even, and the GEMM computes
-``(x_fp8 @ w_fp8^T) * input_scale * weight_scale + bias``. The input scale is fixed at calibration
-time (no runtime amax reduction), so the engine graph has no data-dependent work.
+Two schemes (``spec.Fp8Scaling``), both symmetric, ``scale = amax / 448`` (448 is float8_e4m3fn's
+largest finite value), a tensor quantized as ``fp8(clamp(x / scale, -448, 448))`` with
+round-to-nearest-even, and the GEMM computing ``(x_fp8 @ w_fp8^T) * input_scale * weight_scale + bias``:
+
+- ``tensor``: one static input scale per layer, fixed at calibration time (no runtime amax
+  reduction, so the engine graph has no data-dependent work), and one weight scale.
+- ``rowwise``: each input row (token) takes its own scale from its own max |x| as the layer runs,
+  and each weight row (output channel) its own; the scales multiply the accumulator as a
+  [tokens, 1] x [1, channels] outer product (cuBLASLt/CUTLASS row-wise scaling). A token or a
+  channel with large values no longer pushes every other one towards FP8's subnormals. It needs
+  no input calibration; the calibration still names the layers that run.
 
 What NVIDIA ModelOpt (nvidia-modelopt 0.47.0) does here, read from its source and checked by running it:
 
@@ -52,9 +58,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pi_build.io import read_json, write_json
+from pi_build.spec import Fp8Scaling
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448.0
+AMAX_FLOOR = 1e-12  # an all-zero row or tensor gets this amax (any scale quantizes zeros exactly)
 AMAX_KEYS = ("input_amax", "weight_amax")
 SCALES_FORMAT = "pi-build fp8-e4m3 per-tensor amax, scale = amax / 448"
 
@@ -194,6 +202,13 @@ def quantize_fp8(x: Tensor, scale: Tensor) -> Tensor:
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
+def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Each row of x (a token of an input, an output channel of a weight) quantized with its own scale:
+    x ~= x_fp8 * scale, scale [..., 1] float32 = max |row| / 448."""
+    scale = x.detach().abs().amax(dim=-1, keepdim=True).float().clamp(min=AMAX_FLOOR) / FP8_MAX
+    return quantize_fp8(x, scale), scale
+
+
 def emulated_fp8_linear(x: Tensor, weight: Tensor, input_scale: Tensor, weight_scale: Tensor, bias: Tensor | None) -> Tensor:
     """What ``torch._scaled_mm`` computes, in plain float32 ops (any device).
 
@@ -234,6 +249,29 @@ def scaled_mm_fp8_linear(x: Tensor, weight: Tensor, input_scale: Tensor, weight_
     return out.reshape(*lead, weight.shape[0])
 
 
+def emulated_rowwise_fp8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None) -> Tensor:
+    """What ``torch._scaled_mm`` computes with row-wise scales, in plain float32 ops (any device):
+    x quantized per row as the layer runs, weight_scale [out] the weight rows' scales."""
+    x_fp8, input_scale = quantize_rows(x)
+    out = F.linear(x_fp8.float(), weight.float()) * input_scale * weight_scale
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
+def scaled_mm_rowwise_fp8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None) -> Tensor:
+    """The real row-wise FP8 GEMM: ``torch._scaled_mm`` with scale_a [M, 1] and scale_b [1, N] (float32),
+    which cuBLASLt / CUTLASS take on compute capability >= 8.9 for a bf16 output only; a float32
+    input gets a bf16 product widened back."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    x_fp8, input_scale = quantize_rows(x.reshape(-1, k))
+    out = torch._scaled_mm(x_fp8.contiguous(), weight.t(), scale_a=input_scale, scale_b=weight_scale[None, :],
+                           out_dtype=torch.bfloat16)
+    if bias is not None:
+        out = out + bias.to(out.dtype)
+    return out.to(x.dtype).reshape(*lead, weight.shape[0])
+
+
 @functools.cache
 def has_fp8_gemm(device: torch.device) -> bool:
     """True where ``torch._scaled_mm`` has an FP8 kernel: CUDA devices of compute capability >= 8.9."""
@@ -241,10 +279,13 @@ def has_fp8_gemm(device: torch.device) -> bool:
 
 
 class Fp8Linear(nn.Module):
-    """A linear layer with a float8_e4m3fn weight and static per-tensor input and weight scales.
+    """A linear layer with a float8_e4m3fn weight, in either scheme of ``Fp8Scaling``.
 
-    Buffers: ``weight`` fp8 [out, in], ``weight_scale`` and ``input_scale`` float32 scalars
-    (amax / 448), ``bias`` in the original layer's dtype (or None). The output has the input's dtype.
+    Buffers: ``weight`` fp8 [out, in]; ``weight_scale`` float32, a scalar (tensor) or one per output
+    channel [out] (rowwise); ``input_scale`` a float32 scalar (tensor) or None (rowwise: taken from
+    each input row as the layer runs); ``bias`` in the original layer's dtype (or None). The output
+    has the input's dtype. ``Fp8Linear(linear, input_amax, weight_amax)`` makes a tensor-scaled
+    layer, ``Fp8Linear.rowwise(linear)`` a row-wise one.
     The path is chosen from the input's device only (real GEMM where ``has_fp8_gemm``, else
     ``emulated_fp8_linear``), never from tensor values, so torch.export / AOTInductor trace it as a
     plain graph. Cast the model's dtype before applying FP8: ``module.to(dtype)`` would also convert
@@ -267,28 +308,48 @@ class Fp8Linear(nn.Module):
         self.register_buffer("weight_scale", weight_scale)
         self.register_buffer("input_scale", torch.tensor(input_amax / FP8_MAX, dtype=torch.float32, device=device))
 
+    @classmethod
+    def rowwise(cls, linear: nn.Linear) -> Fp8Linear:
+        """A row-wise layer: the weight quantized per output channel, inputs per token as they come."""
+        layer = cls(linear, 1.0, 1.0)  # checks the shape; both scales are replaced here
+        with torch.no_grad():
+            weight, scale = quantize_rows(linear.weight)
+        layer.weight, layer.weight_scale, layer.input_scale = weight.contiguous(), scale[:, 0].contiguous(), None
+        return layer
+
+    @property
+    def scaling(self) -> Fp8Scaling:
+        return Fp8Scaling.ROWWISE if self.input_scale is None else Fp8Scaling.TENSOR
+
     def forward(self, x: Tensor) -> Tensor:
-        if self.weight.dtype != FP8_DTYPE or self.input_scale.dtype != torch.float32:
+        if self.weight.dtype != FP8_DTYPE or self.weight_scale.dtype != torch.float32:
             raise RuntimeError(
-                f"Fp8Linear buffers were converted to {self.weight.dtype}/{self.input_scale.dtype}: "
+                f"Fp8Linear buffers were converted to {self.weight.dtype}/{self.weight_scale.dtype}: "
                 "set the model's dtype before apply_fp8, not after"
             )
-        linear = scaled_mm_fp8_linear if has_fp8_gemm(x.device) else emulated_fp8_linear
+        real = has_fp8_gemm(x.device)
+        if self.input_scale is None:
+            linear = scaled_mm_rowwise_fp8_linear if real else emulated_rowwise_fp8_linear
+            return linear(x, self.weight, self.weight_scale, self.bias)
+        linear = scaled_mm_fp8_linear if real else emulated_fp8_linear
         return linear(x, self.weight, self.input_scale, self.weight_scale, self.bias)
 
     def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"input_amax={self.input_scale.item() * FP8_MAX:.4g}, weight_amax={self.weight_scale.item() * FP8_MAX:.4g}"
-        )
+        head = f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        if self.input_scale is None:
+            return f"{head}, scaling=rowwise"
+        return f"{head}, input_amax={self.input_scale.item() * FP8_MAX:.4g}, weight_amax={self.weight_scale.item() * FP8_MAX:.4g}"
 
 
-def apply_fp8(module: nn.Module, scales: Scales) -> nn.Module:
+def apply_fp8(module: nn.Module, scales: Scales, scaling: Fp8Scaling = Fp8Scaling.TENSOR) -> nn.Module:
     """Replace each nn.Linear named in ``scales`` by an Fp8Linear, in place; returns ``module``.
 
-    In place because a copy would hold a second full-precision model in memory. Every layer is
-    checked and converted before any is replaced, so on error the module is unchanged.
+    ``scaling`` picks the scheme: tensor layers take the calibrated amaxes, rowwise layers only the
+    names (their scales come from the weights and, at run time, the inputs). In place because a
+    copy would hold a second full-precision model in memory. Every layer is checked and converted
+    before any is replaced, so on error the module is unchanged.
     """
+    scaling = Fp8Scaling(scaling)
     layers = dict(module.named_modules())
     replacements: dict[str, Fp8Linear] = {}
     for name, amaxes in scales.items():
@@ -298,7 +359,10 @@ def apply_fp8(module: nn.Module, scales: Scales) -> nn.Module:
             raise TypeError(f"FP8 scales name layer {name!r}, which is a {type(layers[name]).__name__}, not an nn.Linear")
         _check_amaxes(amaxes, f"layer {name!r}")
         try:
-            replacements[name] = Fp8Linear(layers[name], amaxes["input_amax"], amaxes["weight_amax"])
+            if scaling == Fp8Scaling.ROWWISE:
+                replacements[name] = Fp8Linear.rowwise(layers[name])
+            else:
+                replacements[name] = Fp8Linear(layers[name], amaxes["input_amax"], amaxes["weight_amax"])
         except ValueError as e:
             raise ValueError(f"layer {name!r}: {e}") from e
     for name, fp8 in replacements.items():

@@ -6,7 +6,7 @@ compute it is ~228 kernels of 2-8 us each (0.8 ms): the time goes to launches an
 reduction kernels between the GEMMs, not to bytes. Here every per-layer stage that moves no
 weights rides in the prologue or epilogue of a weight-streaming kernel:
 
-    per layer (x = the float32 residual stream [M, W], M = batch x suffix tokens <= 64)
+    per layer (x = the float32 residual stream [M, W], M = batch x suffix tokens <= 256)
     1. norm_gemm  (qkv):     RMSNorm + (ada)RMS modulation of x -> x W_qkv^T -> RoPE of q and k -> qkv bf16
     2. attention:            the step's queries over [cached prefix keys; own keys], split over keys;
                              the last program of each row block merges the splits -> attn bf16
@@ -17,6 +17,12 @@ weights rides in the prologue or epilogue of a weight-streaming kernel:
 - The next norm needs each row's mean square over all W columns, but only the program that
   finishes a column tile holds final values: it writes the tile's per-row sum of squares
   (``sumsq`` [tiles, M]) and the next kernel adds those few numbers up.
+- More than 64 rows (batches of robots: pi0.5 at batch 16 is 160) take several row blocks of 64:
+  each program loads its weight tile once and runs the blocks one after another on it, so the
+  weights are still read once per step. Measured at 160 rows on an H200 this loses to the per-op
+  kernels (2.30 against 1.39 ms a step: every kernel ~4x its 10-row time, the blocks' loads and
+  MMAs run back to back without pipelining), so builds pick it for up to 16 rows only
+  (``build.stages.FUSED_DENOISE_MAX_ROWS``); scripts/fused_denoise_bench.py --batch measures it.
 - GEMMs whose output has too few tiles to keep 132 multiprocessors loading split K over several
   programs. Each writes a float32 partial tile; an atomic counter per tile tells the last arrival
   (deterministic: it sums the partials in split order) to apply the epilogue. No extra kernels.
@@ -54,6 +60,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from pi_build.engine import fp8
 from pi_build.spec import Precision
 
 try:
@@ -67,10 +74,9 @@ INTERPRET = triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
 # Programmatic dependent launch (Hopper+); PI_BUILD_PDL=0 turns it off for A/B measurements.
 USE_PDL = os.environ.get("PI_BUILD_PDL", "1") != "0"
 
-MAX_ROWS = 64  # batch x suffix tokens: the row block of every GEMM tile (registers bound it)
+ROW_BLOCK = 64  # the most token rows one MMA of a GEMM program takes (registers bound it)
+MAX_ROWS = 4 * ROW_BLOCK  # batch x suffix tokens: a program runs up to 4 row blocks on its weight tile
 EPS = 1e-6  # RMSNorm epsilon (Gemma)
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0
 
 
 # ----------------------------------------------------------------------------- shapes and tiling
@@ -103,7 +109,7 @@ class GemmTile:
 
 @dataclass(frozen=True)
 class Tiling:
-    block_m: int  # token rows per tile (M padded to a power of two >= 16: the tensor-core tile)
+    block_m: int  # token rows per MMA (M padded to a power of two >= 16: the tensor-core tile; at most ROW_BLOCK)
     qkv: GemmTile
     o: GemmTile
     gate_up: GemmTile
@@ -140,7 +146,7 @@ def plan_tiling(rows: int, dims: ExpertDims, tile_rows: int | None = None,
     2P rows with P dividing the pair group (head_dim / 2, mlp); every dimension in 16-blocks."""
     if rows > MAX_ROWS:
         raise ValueError(f"fused denoise handles at most {MAX_ROWS} suffix rows (batch x tokens), got {rows}")
-    block_m = max(16, triton_next_pow2(rows))
+    block_m = min(ROW_BLOCK, max(16, triton_next_pow2(rows)))
     tile_rows = tile_rows or (TILE_ROWS if block_m <= 16 else TILE_ROWS_MANY_TOKENS)
 
     def plain(n: int, k: int, name: str) -> GemmTile:
@@ -224,11 +230,15 @@ if triton is not None:
         return 0.5 * x * (2.0 - 2.0 / (1.0 + tl.exp(2.0 * u)))
 
     @triton.jit
-    def _arrive(acc, part_ptr, count_ptr, tile, split, rm, M, TILE: tl.constexpr, SPLIT: tl.constexpr):
-        """Split-K: store this program's float32 partial tile and count the arrival; True in the last
-        of the tile's SPLIT programs (which then owns the epilogue)."""
+    def _store_partial(acc, part_ptr, tile, split, rm, M, TILE: tl.constexpr, SPLIT: tl.constexpr):
+        """Split-K: this program's float32 partial tile for rows rm."""
         cols = tl.arange(0, TILE)
         tl.store(part_ptr + ((tile * SPLIT + split) * M + rm[:, None]) * TILE + cols[None, :], acc, mask=rm[:, None] < M)
+
+    @triton.jit
+    def _arrive(count_ptr, tile, SPLIT: tl.constexpr):
+        """Split-K: count this program's arrival once all its partials are stored; True in the last of
+        the tile's SPLIT programs (which then owns the epilogue)."""
         tl.debug_barrier()  # every thread's part is stored before the count (acq_rel, gpu scope) publishes it
         arrived = tl.atomic_add(count_ptr + tile, 1)
         return arrived == SPLIT - 1
@@ -273,12 +283,13 @@ if triton is not None:
         M, layer, stride_step, eps,
         K: tl.constexpr, N_SUMSQ: tl.constexpr, N_SUMSQ_P2: tl.constexpr, HALF: tl.constexpr,
         ROT_GROUPS: tl.constexpr, OUT_COLS: tl.constexpr,
-        BM: tl.constexpr, PAIRS: tl.constexpr, KS: tl.constexpr, SPLIT: tl.constexpr,
+        BM: tl.constexpr, ROW_BLOCKS: tl.constexpr, PAIRS: tl.constexpr, KS: tl.constexpr, SPLIT: tl.constexpr,
         GELU: tl.constexpr, FP8: tl.constexpr, USE_PDL: tl.constexpr, INTERPRET: tl.constexpr,
     ):
         """out = epilogue(norm(x) @ W^T) for the qkv (RoPE) and gate|up (GELU x up) projections.
 
-        Program (tile, split): weight rows [tile*2P, +2P) (P pairs) x K columns [split*KS, +KS).
+        Program (tile, split): weight rows [tile*2P, +2P) (P pairs) x K columns [split*KS, +KS), for
+        every row block of BM token rows in turn.
         norm(x) = x * rsqrt(mean(x^2) + eps) * mult + shift, mult/shift from the layer's norm table
         at this step (pi0.5 adaRMS: 1 + scale, shift; pi0: 1 + weight, 0), rounded to bf16.
         """
@@ -295,24 +306,28 @@ if triton is not None:
             wscale = tl.load(wscale_ptr + rows)
         _pdl_wait(USE_PDL)
         _pdl_release(USE_PDL)
-        rm = tl.arange(0, BM)
-        row_ok = rm < M
-        # each row's mean square from the per-tile sums of squares that the residual's writer left
         t = tl.arange(0, N_SUMSQ_P2)
-        parts = tl.load(sumsq_ptr + t[:, None] * M + rm[None, :], mask=(t[:, None] < N_SUMSQ) & row_ok[None, :], other=0.0)
-        rstd = tl.rsqrt(tl.sum(parts, axis=0) / K + eps)
-        x = tl.load(x_ptr + rm[:, None] * K + k[None, :], mask=row_ok[:, None], other=0.0)
-        h = _bf16(x * rstd[:, None] * mult[None, :] + shift[None, :], INTERPRET)
-        acc = _weight_mma(w, h, INTERPRET)
-        if FP8:
-            acc = acc * wscale[None, :]
-        if SPLIT == 1:
-            _pair_epilogue(acc, tile, rm, M, cos_ptr, sin_ptr, out_ptr, BM, PAIRS, HALF, ROT_GROUPS, OUT_COLS, GELU, INTERPRET)
-        else:
-            last = _arrive(acc, part_ptr, count_ptr, tile, split, rm, M, 2 * PAIRS, SPLIT)
-            if last:
-                total = _sum_partials(part_ptr, tile, rm, M, BM, 2 * PAIRS, SPLIT)
-                _pair_epilogue(total, tile, rm, M, cos_ptr, sin_ptr, out_ptr, BM, PAIRS, HALF, ROT_GROUPS, OUT_COLS, GELU, INTERPRET)
+        for rb in range(ROW_BLOCKS):
+            rm = rb * BM + tl.arange(0, BM)
+            row_ok = rm < M
+            # each row's mean square from the per-tile sums of squares that the residual's writer left
+            parts = tl.load(sumsq_ptr + t[:, None] * M + rm[None, :], mask=(t[:, None] < N_SUMSQ) & row_ok[None, :], other=0.0)
+            rstd = tl.rsqrt(tl.sum(parts, axis=0) / K + eps)
+            x = tl.load(x_ptr + rm[:, None] * K + k[None, :], mask=row_ok[:, None], other=0.0)
+            h = _bf16(x * rstd[:, None] * mult[None, :] + shift[None, :], INTERPRET)
+            acc = _weight_mma(w, h, INTERPRET)
+            if FP8:
+                acc = acc * wscale[None, :]
+            if SPLIT == 1:
+                _pair_epilogue(acc, tile, rm, M, cos_ptr, sin_ptr, out_ptr, BM, PAIRS, HALF, ROT_GROUPS, OUT_COLS, GELU, INTERPRET)
+            else:
+                _store_partial(acc, part_ptr, tile, split, rm, M, 2 * PAIRS, SPLIT)
+        if SPLIT > 1:
+            if _arrive(count_ptr, tile, SPLIT):
+                for rb in range(ROW_BLOCKS):
+                    rm = rb * BM + tl.arange(0, BM)
+                    total = _sum_partials(part_ptr, tile, rm, M, BM, 2 * PAIRS, SPLIT)
+                    _pair_epilogue(total, tile, rm, M, cos_ptr, sin_ptr, out_ptr, BM, PAIRS, HALF, ROT_GROUPS, OUT_COLS, GELU, INTERPRET)
 
     @triton.jit
     def _residual_epilogue(y, tile, rm, M, gate, x_in_ptr, x_out_ptr, sumsq_ptr, N: tl.constexpr, BN: tl.constexpr):
@@ -327,8 +342,8 @@ if triton is not None:
     def _residual_gemm_kernel(
         a_ptr, w_ptr, wscale_ptr, table_ptr, step_ptr, x_in_ptr, x_out_ptr, sumsq_ptr, part_ptr, count_ptr,
         M, layer, stride_step,
-        N: tl.constexpr, K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, KS: tl.constexpr, SPLIT: tl.constexpr,
-        FP8: tl.constexpr, USE_PDL: tl.constexpr, INTERPRET: tl.constexpr,
+        N: tl.constexpr, K: tl.constexpr, BM: tl.constexpr, ROW_BLOCKS: tl.constexpr, BN: tl.constexpr, KS: tl.constexpr,
+        SPLIT: tl.constexpr, FP8: tl.constexpr, USE_PDL: tl.constexpr, INTERPRET: tl.constexpr,
     ):
         """x += gate * (a @ W^T) for the o and down projections (a: bf16 [M, K]); gate from the layer's
         norm table at this step (pi0: ones)."""
@@ -342,18 +357,22 @@ if triton is not None:
             wscale = tl.load(wscale_ptr + n)
         _pdl_wait(USE_PDL)
         _pdl_release(USE_PDL)
-        rm = tl.arange(0, BM)
-        a = tl.load(a_ptr + rm[:, None] * K + k[None, :], mask=rm[:, None] < M, other=0.0)
-        acc = _weight_mma(w, a, INTERPRET)
-        if FP8:
-            acc = acc * wscale[None, :]
-        if SPLIT == 1:
-            _residual_epilogue(acc, tile, rm, M, gate, x_in_ptr, x_out_ptr, sumsq_ptr, N, BN)
-        else:
-            last = _arrive(acc, part_ptr, count_ptr, tile, split, rm, M, BN, SPLIT)
-            if last:
-                total = _sum_partials(part_ptr, tile, rm, M, BM, BN, SPLIT)
-                _residual_epilogue(total, tile, rm, M, gate, x_in_ptr, x_out_ptr, sumsq_ptr, N, BN)
+        for rb in range(ROW_BLOCKS):
+            rm = rb * BM + tl.arange(0, BM)
+            a = tl.load(a_ptr + rm[:, None] * K + k[None, :], mask=rm[:, None] < M, other=0.0)
+            acc = _weight_mma(w, a, INTERPRET)
+            if FP8:
+                acc = acc * wscale[None, :]
+            if SPLIT == 1:
+                _residual_epilogue(acc, tile, rm, M, gate, x_in_ptr, x_out_ptr, sumsq_ptr, N, BN)
+            else:
+                _store_partial(acc, part_ptr, tile, split, rm, M, BN, SPLIT)
+        if SPLIT > 1:
+            if _arrive(count_ptr, tile, SPLIT):
+                for rb in range(ROW_BLOCKS):
+                    rm = rb * BM + tl.arange(0, BM)
+                    total = _sum_partials(part_ptr, tile, rm, M, BM, BN, SPLIT)
+                    _residual_epilogue(total, tile, rm, M, gate, x_in_ptr, x_out_ptr, sumsq_ptr, N, BN)
 
     @triton.jit
     def _merge_splits(acc_ptr, max_ptr, sum_ptr, out_ptr, first_slot, tok, h, row_ok,
@@ -464,7 +483,7 @@ def launch_norm_gemm(x: Tensor, sumsq: Tensor, table: Tensor, step: Tensor, laye
         x, sumsq, table, step, weight, weight if wscale is None else wscale, cos, sin, out, parts, counters,
         m, layer, _step_stride(table), EPS,
         K=k, N_SUMSQ=sumsq.shape[0], N_SUMSQ_P2=triton_next_pow2(sumsq.shape[0]), HALF=half, ROT_GROUPS=rot_groups,
-        OUT_COLS=out.shape[1], BM=block_m, PAIRS=tile.rows // 2, KS=tile.k_slice, SPLIT=split,
+        OUT_COLS=out.shape[1], BM=block_m, ROW_BLOCKS=-(-m // block_m), PAIRS=tile.rows // 2, KS=tile.k_slice, SPLIT=split,
         GELU=gelu, FP8=wscale is not None, USE_PDL=USE_PDL and not INTERPRET, INTERPRET=INTERPRET, **_options(warps),
     )
 
@@ -479,7 +498,7 @@ def launch_residual_gemm(a: Tensor, weight: Tensor, wscale: Tensor | None, table
     _residual_gemm_kernel[(n // tile.rows, split)](
         a, weight, weight if wscale is None else wscale, table, step, x_in, x_out, sumsq, parts, counters,
         m, layer, _step_stride(table),
-        N=n, K=k, BM=block_m, BN=tile.rows, KS=tile.k_slice, SPLIT=split,
+        N=n, K=k, BM=block_m, ROW_BLOCKS=-(-m // block_m), BN=tile.rows, KS=tile.k_slice, SPLIT=split,
         FP8=wscale is not None, USE_PDL=USE_PDL and not INTERPRET, INTERPRET=INTERPRET, **_options(warps),
     )
 
@@ -717,9 +736,8 @@ TILING_OVERRIDE: Tiling | None = None  # set by benchmarks to try other block si
 
 def quantize_rows_fp8(weight: Tensor) -> tuple[Tensor, Tensor]:
     """e4m3 weight with one float32 scale per output row: w ~= w_fp8 * scale[:, None], scale = amax / 448."""
-    w = weight.float()
-    scale = w.abs().amax(dim=-1).clamp(min=1e-12) / FP8_MAX
-    return (w / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+    w_fp8, scale = fp8.quantize_rows(weight)
+    return w_fp8, scale[..., 0]
 
 
 class FusedDenoiseStep(nn.Module):

@@ -84,3 +84,22 @@ def graph_replay_ms(fn: Callable[[], object], *, iters: int = 50, rounds: int = 
         end.synchronize()
         per_round.append(start.elapsed_time(end) / iters)
     return per_round
+
+
+def kernel_profile(fn: Callable[[], object], top: int = 20) -> dict:
+    """The CUDA kernels of one call of ``fn`` (no graph, so each launch is seen), from torch.profiler:
+    {"kernels": launches, "kernel_ms": their summed time, "top": [[ms, launches, name], ...] for the
+    ``top`` kernels by time}. What the experiment scripts print to say where a component's time goes."""
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    ranked = sorted(events, key=lambda e: -e.self_device_time_total)[:top]
+    return {"kernels": sum(e.count for e in events), "kernel_ms": sum(e.self_device_time_total for e in events) / 1e3,
+            "top": [[round(e.self_device_time_total / 1e3, 4), e.count, e.key[:150]] for e in ranked]}
+
+
+def kernel_profile_text(label: str, profile: dict) -> str:
+    lines = [f"{label}: no graph, {profile['kernels']} kernels, {profile['kernel_ms']:.3f} ms of kernel time"]
+    lines += [f"  {ms:7.3f} ms  x{count:<4} {name}" for ms, count, name in profile["top"]]
+    return "\n".join(lines)
