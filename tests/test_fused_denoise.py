@@ -216,6 +216,7 @@ KERNEL_CASES = [
     ("residual m130 3 row blocks split4", "residual", dict(m=130, n=64, k=64, fp8=False, in_place=True, seed=23), (32, 16)),
     ("residual m70 2 row blocks", "residual", dict(m=70, n=32, k=64, fp8=False, in_place=False, seed=24), (16, 64)),
     ("attention b1 pi0.5", "attention", dict(b=1, t=10, s=150, heads=4, d=32, pi0_flags=False, seed=19), (32, 16, 1)),
+    ("attention b1 all rows in one block", "attention", dict(b=1, t=10, s=150, heads=4, d=32, pi0_flags=False, seed=25), (32, 64, 8)),
     ("attention b2 pi0", "attention", dict(b=2, t=11, s=90, heads=2, d=16, pi0_flags=True, seed=20), (16, 16, 8)),
 ]
 
