@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pi_build.cli.run import app as run_app
@@ -67,6 +68,18 @@ def _record(suite: str, task_id: int, trial: int, success: bool, steps: int = 10
 def test_wilson_interval_matches_published_values(successes, trials, low, high):
     got = wilson_interval(successes, trials)
     assert got == pytest.approx((low, high), abs=5e-5)
+
+
+def test_summarize_samples_by_hand():
+    """The one summary of samples (bench latencies and report statistics): 1..100 in a shuffled order."""
+    from pi_build.runtime.timing import summarize
+
+    samples = [float(v) for v in np.random.default_rng(7).permutation(np.arange(1, 101))]
+    got = summarize(samples)
+    # numpy's default (linear) percentile of 1..100 at q is 1 + 0.99 q
+    assert got == pytest.approx({"count": 100, "mean": 50.5, "std": (9999 / 12) ** 0.5, "p50": 50.5, "p90": 90.1,
+                                 "p95": 95.05, "p99": 99.01, "max": 100.0})
+    assert summarize([]) == {"count": 0}
 
 
 def test_wilson_interval_edges_and_symmetry():

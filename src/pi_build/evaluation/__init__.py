@@ -7,7 +7,7 @@
     driver.py    hands episodes to workers, appends each finished one to the results file
     results.py   the results file (JSON lines): what a rerun skips
     report.py    success rates with Wilson intervals, latency, lengths: JSON and rich tables
-    stats.py     the Wilson interval and percentile summaries
+    stats.py     the Wilson interval
 
 `pi-run libero` (cli/run.py) puts them together; `run_evaluation` is the same from Python.
 """

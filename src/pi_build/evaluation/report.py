@@ -12,7 +12,8 @@ from rich.table import Table
 
 from pi_build.evaluation.driver import RunResult
 from pi_build.evaluation.protocol import NUM_WAIT_STEPS, REPLAN_STEPS
-from pi_build.evaluation.stats import summarize, wilson_interval
+from pi_build.evaluation.stats import wilson_interval
+from pi_build.runtime.timing import summarize
 
 LATENCY_KEYS = ("call_ms", "infer_ms")
 

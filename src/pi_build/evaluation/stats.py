@@ -1,11 +1,8 @@
-"""The numbers of a report: confidence intervals of success rates and summaries of samples."""
+"""The confidence intervals of success rates (sample summaries: ``runtime.timing.summarize``)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-
-import numpy as np
 
 Z_95 = 1.959963984540054  # the standard normal's 97.5% quantile: a two-sided 95% interval
 
@@ -29,19 +26,3 @@ def wilson_interval(successes: int, trials: int, z: float = Z_95) -> tuple[float
     low = 0.0 if successes == 0 else centre - half_width
     high = 1.0 if successes == trials else centre + half_width
     return low, high
-
-
-def summarize(samples: Sequence[float]) -> dict[str, float | int]:
-    """Count, mean, median, 90th and 99th percentile and maximum; just the count when empty."""
-    if len(samples) == 0:
-        return {"count": 0}
-    values = np.asarray(samples, dtype=np.float64)
-    p50, p90, p99 = np.percentile(values, [50, 90, 99])
-    return {
-        "count": int(values.size),
-        "mean": float(values.mean()),
-        "p50": float(p50),
-        "p90": float(p90),
-        "p99": float(p99),
-        "max": float(values.max()),
-    }

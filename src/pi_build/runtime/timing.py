@@ -16,13 +16,15 @@ import torch
 Stage = tuple[str, Callable[[], object]]
 
 
-def latency_stats(samples: Sequence[float]) -> dict[str, float]:
-    """mean, std, p50, p95, p99 and count of latency samples (ms)."""
-    a = np.asarray(samples, dtype=np.float64)
-    if a.size == 0:
-        raise ValueError("no latency samples")
-    return {"mean": float(a.mean()), "std": float(a.std()), "p50": float(np.percentile(a, 50)),
-            "p95": float(np.percentile(a, 95)), "p99": float(np.percentile(a, 99)), "count": int(a.size)}
+def summarize(samples: Sequence[float]) -> dict[str, float | int]:
+    """The one summary of samples (latencies in ms, episode lengths): count, mean, std, p50, p90,
+    p95, p99 and max; just the count when there are none."""
+    values = np.asarray(samples, dtype=np.float64)
+    if values.size == 0:
+        return {"count": 0}
+    p50, p90, p95, p99 = np.percentile(values, [50, 90, 95, 99])
+    return {"count": int(values.size), "mean": float(values.mean()), "std": float(values.std()), "p50": float(p50),
+            "p90": float(p90), "p95": float(p95), "p99": float(p99), "max": float(values.max())}
 
 
 def _time_once(stages: Sequence[Stage], device: torch.device) -> dict[str, float]:
@@ -55,7 +57,7 @@ def measure(stages: Sequence[Stage], device: torch.device, *, iters: int, warmup
         times["end_to_end"] = _time_once([("all", end_to_end)], device)["all"] if end_to_end else sum(times.values())
         if i >= warmup:
             runs.append(times)
-    return {name: latency_stats([r[name] for r in runs]) for name in runs[0]}
+    return {name: summarize([r[name] for r in runs]) for name in runs[0]}
 
 
 @torch.no_grad()
