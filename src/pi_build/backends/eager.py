@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pi_build.backends.inductor import PROGRAM_FILE, export_program
+from pi_build.backends.inductor import PROGRAM_FILE, export_program, load_program
 
 EAGER = "eager"  # the runner a manifest's engine_runner names
 
@@ -22,7 +22,5 @@ def compile_engine(module: nn.Module, example_inputs: tuple[Tensor, ...], out_di
     return {"files": [PROGRAM_FILE], "runner": EAGER}
 
 
-def load_engine(folder: Path, device: torch.device):
-    from pi_build.engine import fused_denoise, kernels  # noqa: F401  registers the custom ops a program may call
-
-    return torch.export.load(str(folder / PROGRAM_FILE)).module().to(device)
+def load_engine(folder: Path, device: torch.device) -> nn.Module:
+    return load_program(folder, device)

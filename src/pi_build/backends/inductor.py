@@ -104,13 +104,19 @@ def compile_engine(module: nn.Module, example_inputs: tuple[Tensor, ...], out_di
     return {"files": [PROGRAM_FILE, CACHE_FILE], "runner": TORCH_COMPILE, "aoti_problem": problem}
 
 
+def load_program(folder: Path, device: torch.device) -> nn.Module:
+    """The exported program in ``folder`` as a module on ``device`` (the eager engine, and what
+    torch.compile compiles), with pi-build's custom ops registered first: a program may call them."""
+    from pi_build.engine import fused_denoise, kernels  # noqa: F401
+
+    return torch.export.load(str(folder / PROGRAM_FILE)).module().to(device)
+
+
 def load_engine(folder: Path, runner: str, device: torch.device, autotune: bool = False):
     """The engine in ``folder``, called like the component: ``engine(*inputs) -> outputs``."""
     if runner == AOTI:
         return torch._inductor.aoti_load_package(str(folder / AOTI_FILE))
-    from pi_build.engine import fused_denoise, kernels  # noqa: F401  registers the custom ops a program may call
-
-    module = torch.export.load(str(folder / PROGRAM_FILE)).module().to(device)
+    module = load_program(folder, device)
     cache = (folder / CACHE_FILE).read_bytes()
     if cache:
         torch.compiler.load_cache_artifacts(cache)
