@@ -8,7 +8,7 @@
 #
 # The work runs detached (setsid) so that it outlives one `run` call: call `poll` again within 30 s
 # and the machine stays warm. Carried wheels (.whl: ModelOpt, pydantic, websockets) are installed first.
-# PHASES (default "smoke pi05 pi0 batch"; also "vision", "fp8", "denoise16", "fused16", "fp8keep") picks phases. Checkpoints land where the recipes look for
+# PHASES (default "smoke pi05 pi0 batch"; also "vision", "fp8", "denoise16", "fused16", "fusedsweep", "fp8keep") picks phases. Checkpoints land where the recipes look for
 # them (checkpoints/<name>, relative to the copied code), engines under /tmp/pib/engines.
 set -uo pipefail
 W=/tmp/pib
@@ -59,10 +59,13 @@ phase_denoise16() {  # one pi0.5 denoise step at batch 16 (160 rows): library ag
 phase_fused16() {   # the fused step in 64-row blocks at batch 16 (160 rows) against the per-op Triton kernels, tiling sweep
   python3 scripts/fused_denoise_bench.py --runs "pi05:fused,triton" --batch 16 --prompt-len 32 --sweep fused --budget-s 300 --out $W
 }
+phase_fusedsweep() {  # the fused step at batch 1 (pi0.5, 32-token bucket) with its tiling sweep: attention row blocks of 16/32/64
+  python3 scripts/fused_denoise_bench.py --runs "pi05:fused" --prompt-len 32 --sweep fused --budget-s 300 --out $W
+}
 phase_fp8keep() {   # pi0's actions with groups of prefix linears kept in bf16 (tensor scaling)
   python3 scripts/prefix_fp8_experiments.py --config pi0 --no-rowwise --keep-sets qkv+o,qkv+o+gate_up
 }
-export -f build run one_bucket pi05_checkpoint phase_smoke phase_model phase_batch phase_vision phase_fp8 phase_denoise16 phase_fused16 phase_fp8keep
+export -f build run one_bucket pi05_checkpoint phase_smoke phase_model phase_batch phase_vision phase_fp8 phase_denoise16 phase_fused16 phase_fusedsweep phase_fp8keep
 export W
 
 case "${1:-}" in
@@ -75,7 +78,7 @@ case "${1:-}" in
       for p in ${PHASES:-smoke pi05 pi0 batch}; do
         echo "=== phase $p $(date +%T)"
         case $p in
-          smoke) phase_smoke ;; pi05) phase_model pi05_libero pi05 10 ;; pi0) phase_model pi0_libero pi0 50 ;; batch) phase_batch ;; vision) phase_vision ;; fp8) phase_fp8 ;; denoise16) phase_denoise16 ;; fused16) phase_fused16 ;; fp8keep) phase_fp8keep ;;
+          smoke) phase_smoke ;; pi05) phase_model pi05_libero pi05 10 ;; pi0) phase_model pi0_libero pi0 50 ;; batch) phase_batch ;; vision) phase_vision ;; fp8) phase_fp8 ;; denoise16) phase_denoise16 ;; fused16) phase_fused16 ;; fusedsweep) phase_fusedsweep ;; fp8keep) phase_fp8keep ;;
         esac || { echo "=== phase $p FAILED"; break; }
       done; echo "=== done $(date +%T)"' > $W/log 2>&1 < /dev/null &)
     sleep 5; tail -3 $W/log ;;
