@@ -204,7 +204,8 @@ def make_env(suite: str, task_id: int, resolution: int = ENV_RESOLUTION, seed: i
     return env
 
 
-CAMERA_OBSERVABLES = ("agentview_image", "robot0_eye_in_hand_image")
+# The simulator's camera observations, by the model camera each one feeds (LIBERO has no right wrist).
+SIM_CAMERAS = {Camera.BASE: "agentview_image", Camera.LEFT_WRIST: "robot0_eye_in_hand_image"}
 
 
 def render_only_when_read(env) -> Callable[[bool], None]:
@@ -224,7 +225,7 @@ def render_only_when_read(env) -> Callable[[bool], None]:
         inner = getattr(inner, "env", None)
     observables = getattr(inner, "_observables", None) or {}
     wanted = {"render": True}
-    for name in CAMERA_OBSERVABLES:
+    for name in SIM_CAMERAS.values():
         if name not in observables:
             continue
         # robosuite 1.4 (LIBERO's pin) has no public getter for an observable's sensor.
@@ -270,16 +271,14 @@ def model_image(env_image: np.ndarray) -> np.ndarray:
 
 def libero_request(obs: dict[str, np.ndarray], task_description: str) -> dict[str, Any]:
     """The openpi LIBERO request dict for one env observation (what openpi's client sends)."""
-    for key in ("agentview_image", "robot0_eye_in_hand_image", "robot0_eef_pos", "robot0_eef_quat",
-                "robot0_gripper_qpos"):
+    for key in (*SIM_CAMERAS.values(), "robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos"):
         if key not in obs:
             raise KeyError(f"LIBERO observation lacks {key!r}; has {sorted(obs)}")
     state = np.concatenate(
         [obs["robot0_eef_pos"], quat2axisangle(obs["robot0_eef_quat"]), obs["robot0_gripper_qpos"]]
     )
     return {
-        CAMERA_KEYS[Camera.BASE]: model_image(obs["agentview_image"]),
-        CAMERA_KEYS[Camera.LEFT_WRIST]: model_image(obs["robot0_eye_in_hand_image"]),
+        **{CAMERA_KEYS[camera]: model_image(obs[name]) for camera, name in SIM_CAMERAS.items()},
         STATE_KEY: state,  # float64, 8 values, as openpi sends it
         PROMPT_KEY: str(task_description),
     }
@@ -350,7 +349,7 @@ def run_episode(
     done = False
     while steps < max_steps:
         if video_frames is not None:
-            video_frames.append(model_image(obs["agentview_image"]))
+            video_frames.append(model_image(obs[SIM_CAMERAS[Camera.BASE]]))
         if not plan:
             request = libero_request(obs, task_description)
             start = time.perf_counter()
