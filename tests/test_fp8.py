@@ -246,6 +246,8 @@ def test_fp8_linear_stores_fp8_weight_and_scales():
     assert set(layer.state_dict()) == {"weight", "bias", "weight_scale", "input_scale"}
     with pytest.raises(RuntimeError, match="before apply_fp8"):
         layer.to(torch.bfloat16)(torch.randn(2, 32))
+    with pytest.raises(ValueError, match="both amaxes"):
+        Fp8Linear(linear, 2.0)  # one amax: neither scheme
 
 
 def test_export_fp8_module():

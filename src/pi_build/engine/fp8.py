@@ -292,30 +292,35 @@ class Fp8Linear(nn.Module):
     these fp8 buffers (forward then refuses to run).
     """
 
-    def __init__(self, linear: nn.Linear, input_amax: float, weight_amax: float):
+    def __init__(self, linear: nn.Linear, input_amax: float | None = None, weight_amax: float | None = None):
+        """Tensor scaling from the two calibrated amaxes; row-wise scaling when both are left out."""
         super().__init__()
         out_features, in_features = linear.weight.shape
         if in_features % 16 or out_features % 16:
             # _scaled_mm's requirement; an emulated layer on the GPU would be slower than bf16.
             raise ValueError(f"FP8 GEMMs need in/out features that are multiples of 16, got {in_features} -> {out_features}")
-        _check_amaxes({"input_amax": input_amax, "weight_amax": weight_amax}, "Fp8Linear")
+        if (input_amax is None) != (weight_amax is None):
+            raise ValueError("Fp8Linear takes both amaxes (tensor scaling) or neither (row-wise scaling)")
         self.in_features, self.out_features = in_features, out_features
         device = linear.weight.device
-        weight_scale = torch.tensor(weight_amax / FP8_MAX, dtype=torch.float32, device=device)
         with torch.no_grad():
-            self.register_buffer("weight", quantize_fp8(linear.weight, weight_scale).contiguous())
+            if input_amax is None:  # row-wise: per-channel weight scales, per-token input scales at run time
+                weight, scale = quantize_rows(linear.weight)
+                weight_scale, input_scale = scale[:, 0].contiguous(), None
+            else:
+                _check_amaxes({"input_amax": input_amax, "weight_amax": weight_amax}, "Fp8Linear")
+                weight_scale = torch.tensor(weight_amax / FP8_MAX, dtype=torch.float32, device=device)
+                weight = quantize_fp8(linear.weight, weight_scale)
+                input_scale = torch.tensor(input_amax / FP8_MAX, dtype=torch.float32, device=device)
+            self.register_buffer("weight", weight.contiguous())
             self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
         self.register_buffer("weight_scale", weight_scale)
-        self.register_buffer("input_scale", torch.tensor(input_amax / FP8_MAX, dtype=torch.float32, device=device))
+        self.register_buffer("input_scale", input_scale)
 
     @classmethod
     def rowwise(cls, linear: nn.Linear) -> Fp8Linear:
         """A row-wise layer: the weight quantized per output channel, inputs per token as they come."""
-        layer = cls(linear, 1.0, 1.0)  # checks the shape; both scales are replaced here
-        with torch.no_grad():
-            weight, scale = quantize_rows(linear.weight)
-        layer.weight, layer.weight_scale, layer.input_scale = weight.contiguous(), scale[:, 0].contiguous(), None
-        return layer
+        return cls(linear)
 
     @property
     def scaling(self) -> Fp8Scaling:
