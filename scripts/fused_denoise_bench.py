@@ -87,8 +87,8 @@ def make_path(name: str, model, shapes: Shapes):
         return component, {}
     if name == "triton":
         return component, component.use_triton_kernels()
-    precision = "fp8" if name == "fused-fp8" else "bf16"
-    fused, info = fd.use_fused_denoise(component, precision)
+    precision = "fp8" if name.endswith("-fp8") else "bf16"
+    fused, info = fd.use_fused_denoise(component, precision, persistent=name.startswith("persistent"))
     del component
     return fused, info
 
@@ -168,7 +168,7 @@ def kernel_breakdown(fused: fd.FusedDenoiseStep, inputs: tuple) -> dict:
     counters memset), and the whole chain; their sum against the chain shows the overlap."""
     args = op_args(fused, inputs)
     tiling = fd.TILING_OVERRIDE or fused.tiling
-    _, counters, launches = fd.layer_launches(*args, tiling=tiling)
+    _, counters, launches = fd.layer_launches(*args[:-1], tiling=tiling)  # the op's last argument: persistent
     depth = fused.dims.depth
 
     def run(kinds):
@@ -182,12 +182,19 @@ def kernel_breakdown(fused: fd.FusedDenoiseStep, inputs: tuple) -> dict:
     return {k: round(v, 2) for k, v in out.items()}
 
 
-def sweep_candidates(rows: int, fp8: bool) -> list[tuple[str, dict]]:
+FUSED_PATHS = ("fused", "fused-fp8", "persistent", "persistent-fp8")
+
+
+def sweep_candidates(rows: int, fp8: bool, persistent: bool = False) -> list[tuple[str, dict]]:
     """Tilings to try besides the default (each compiled offline for sm_90: docs/FUSED-DENOISE.md).
     The first H200 run also tried 64x128 w4, 128x128 w4 and 64x512 w8 at 10 rows and 128x128 w8 at
     51 rows: all slower or equal (docs/FUSED-DENOISE.md)."""
-    if rows <= 16:  # default 64x256, 4 warps
-        out = [("gemm 128x256 w8", dict(tile_rows=128, warps=8))]
+    if persistent:  # one grid of 8 warps: other work-item sizes; L2 prefetch; fewer keys per item
+        return [("persistent with L2 prefetch", dict(prefetch_l2=True)), ("persistent 64x512", dict(k_slice=512)),
+                ("persistent 64x256", dict(tile_rows=64)), ("persistent attention 32 keys", dict(attn_keys=32)),
+                ("persistent 64x512, attention 32 keys", dict(k_slice=512, attn_keys=32))]
+    if rows <= 16:  # default 128x256, 8 warps (was 64x256, 4 warps, until the second H200 sweep)
+        out = [("gemm 64x256 w4", dict(tile_rows=64, warps=4))]
     elif rows > fd.ROW_BLOCK:  # several row blocks: fewer K splits write fewer float32 partials
         out = [("gemm 64x256 w8", dict(tile_rows=64, warps=8)), ("gemm 64x512 w8", dict(tile_rows=64, k_slice=512, warps=8))]
     else:  # default 128x256, 8 warps
@@ -204,11 +211,12 @@ def sweep_candidates(rows: int, fp8: bool) -> list[tuple[str, dict]]:
 def sweep(compiled, fused: fd.FusedDenoiseStep, loop_args: tuple, steps: int, budget_s: float) -> list:
     rows = fused.spec.batch * fused.suffix_len
     results = []
-    for label, opts in sweep_candidates(rows, fused.precision == "fp8"):
+    for label, opts in sweep_candidates(rows, fused.precision == "fp8", fused.persistent):
         if time.time() - T0 > budget_s:
             log(f"  sweep {label}: skipped (time budget)")
             continue
-        attention = {key: opts.pop(key) for key in ("attn_keys", "attn_rows") if key in opts}
+        attention = {key: opts.pop(key) for key in ("attn_keys", "attn_rows", "prefetch_l2") if key in opts}
+        attention["persistent"] = fused.persistent
         tiling = fd.plan_tiling(rows, fused.dims, **opts)
         fd.TILING_OVERRIDE = fd.Tiling(**{**tiling.__dict__, **attention})
         try:
@@ -279,10 +287,11 @@ def run_config(config: str, paths: list[str], args, rate: float, result: dict) -
             with torch.no_grad():
                 entry["accuracy"] = accuracy(compiled, ref_model, module, shapes.steps)
                 entry["ms_per_step"], entry["spread_ms"] = timed_loop(compiled, loop_args, shapes.steps)
-                if name.startswith("fused"):
+                if name.startswith(("fused", "persistent")):
                     a = compiled(*draw_inputs(module, 4, 3))
                     b = compiled(*draw_inputs(module, 4, 3))
                     entry["bitwise_repeat"] = bool(torch.equal(a, b))
+                if name.startswith("fused"):
                     fd.USE_PDL = False  # read at each launch: recapturing the same compiled module is enough
                     entry["ms_per_step_no_pdl"], _ = timed_loop(compiled, loop_args, shapes.steps)
                     fd.USE_PDL = True
@@ -290,7 +299,7 @@ def run_config(config: str, paths: list[str], args, rate: float, result: dict) -
             entry["build_s"] = round(time.time() - t1, 1)
             log(f"{config} {name}: {entry['ms_per_step']:.4f} ms/step (spread {entry['spread_ms']:.4f}), "
                 f"step {entry['accuracy']['step']}, actions {entry['accuracy']['actions_10_steps']}, {entry['build_s']} s")
-            if name in ("fused", "fused-fp8") or (args.profile_all and name in ("library", "triton")):
+            if name in FUSED_PATHS or (args.profile_all and name in ("library", "triton")):
                 entry["profile"] = profile(compiled, draw_inputs(module, 5, 0))
                 log(f"  profile: {entry['profile']['kernels']} kernels, {entry['profile']['kernel_ms']:.3f} ms")
                 for row in entry["profile"]["top"]:
@@ -332,8 +341,8 @@ def table(results: dict, rate: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", default="pi05:fused,fused-fp8,triton,library pi0:fused,fused-fp8,triton,library",
-                        help="space-separated config:paths, run in this order; paths from fused, fused-fp8, triton, library")
-    parser.add_argument("--sweep", default="", help="fused paths (fused, fused-fp8) whose tilings to sweep")
+                        help="space-separated config:paths, run in this order; paths from fused, fused-fp8, persistent, persistent-fp8, triton, library")
+    parser.add_argument("--sweep", default="", help="fused paths (fused, fused-fp8, persistent, persistent-fp8) whose tilings to sweep")
     parser.add_argument("--profile-all", action="store_true", help="profile the library and Triton paths too")
     parser.add_argument("--batch", type=int, default=1, help="robots per step (rows = batch x suffix tokens)")
     parser.add_argument("--prompt-len", type=int, default=0, help="prompt tokens (default 200 for pi0.5, 48 for pi0)")

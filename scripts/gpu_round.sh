@@ -8,7 +8,7 @@
 #
 # The work runs detached (setsid) so that it outlives one `run` call: call `poll` again within 30 s
 # and the machine stays warm. Carried wheels (.whl: ModelOpt, pydantic, websockets) are installed first.
-# PHASES (default "smoke pi05 pi0 batch"; also "vision", "fp8", "denoise16", "fused16", "fusedsweep", "fp8keep") picks phases. Checkpoints land where the recipes look for
+# PHASES (default "smoke pi05 pi0 batch"; also "vision", "fp8", "denoise16", "fused16", "fusedsweep", "fp8keep", "gputests", "persistent", "pi05persistent") picks phases. Checkpoints land where the recipes look for
 # them (checkpoints/<name>, relative to the copied code), engines under /tmp/pib/engines.
 set -uo pipefail
 W=/tmp/pib
@@ -65,20 +65,35 @@ phase_fusedsweep() {  # the fused step at batch 1 (pi0.5, 32-token bucket) with 
 phase_fp8keep() {   # pi0's actions with groups of prefix linears kept in bf16 (tensor scaling)
   python3 scripts/prefix_fp8_experiments.py --config pi0 --no-rowwise --keep-sets qkv+o,qkv+o+gate_up
 }
-export -f build run one_bucket pi05_checkpoint phase_smoke phase_model phase_batch phase_vision phase_fp8 phase_denoise16 phase_fused16 phase_fusedsweep phase_fp8keep
+phase_gputests() {  # the fused kernels' checks on the GPU (float64 cases, the persistent step bit for bit against the five kernels)
+  timeout 300 python3 -m pytest -q -x tests/test_fused_denoise.py -k gpu -p no:cacheprovider
+}
+phase_persistent() {  # the persistent step (one grid a step) against the five-kernel step and the per-op kernels, its sweep
+  timeout 330 python3 scripts/fused_denoise_bench.py --runs "pi05:fused,persistent pi0:triton,persistent" --prompt-len 32 \
+    --sweep persistent --budget-s 240 --out $W
+}
+phase_pi05persistent() {  # pi0.5's engines with the persistent step, benched; only if it beat the five-kernel step
+  python3 -c "
+import json; p = json.load(open('$W/bench.json'))['results']['pi05']['paths']
+ok = p['persistent'].get('bitwise_repeat') and p['persistent']['ms_per_step'] < p['fused']['ms_per_step']
+print('persistent', p['persistent'].get('ms_per_step'), 'fused', p['fused'].get('ms_per_step')); raise SystemExit(0 if ok else 1)" \
+    || { echo "the persistent step did not win: no pi0.5 bench with it"; return 0; }
+  export PI_BUILD_PERSISTENT=1; phase_model pi05_libero pi05 10; local rc=$?; unset PI_BUILD_PERSISTENT; return $rc
+}
+export -f build run one_bucket pi05_checkpoint phase_smoke phase_model phase_batch phase_vision phase_fp8 phase_denoise16 phase_fused16 phase_fusedsweep phase_fp8keep phase_gputests phase_persistent phase_pi05persistent
 export W
 
 case "${1:-}" in
   start)
     rm -rf $W && mkdir -p $W/code /tmp/site
-    cp -r src recipes scripts $W/code/
+    cp -r src recipes scripts tests $W/code/
     if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl; fi
     nvidia-smi --query-gpu=name,memory.used,clocks.sm,clocks.mem --format=csv,noheader > $W/gpu.txt
     (cd $W/code && setsid bash -c '
       for p in ${PHASES:-smoke pi05 pi0 batch}; do
         echo "=== phase $p $(date +%T)"
         case $p in
-          smoke) phase_smoke ;; pi05) phase_model pi05_libero pi05 10 ;; pi0) phase_model pi0_libero pi0 50 ;; batch) phase_batch ;; vision) phase_vision ;; fp8) phase_fp8 ;; denoise16) phase_denoise16 ;; fused16) phase_fused16 ;; fusedsweep) phase_fusedsweep ;; fp8keep) phase_fp8keep ;;
+          smoke) phase_smoke ;; pi05) phase_model pi05_libero pi05 10 ;; pi0) phase_model pi0_libero pi0 50 ;; batch) phase_batch ;; vision) phase_vision ;; fp8) phase_fp8 ;; denoise16) phase_denoise16 ;; fused16) phase_fused16 ;; fusedsweep) phase_fusedsweep ;; fp8keep) phase_fp8keep ;; gputests) phase_gputests ;; persistent) phase_persistent ;; pi05persistent) phase_pi05persistent ;;
         esac || { echo "=== phase $p FAILED"; break; }
       done; echo "=== done $(date +%T)"' > $W/log 2>&1 < /dev/null &)
     sleep 5; tail -3 $W/log ;;

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from pi_build.engine import fused_denoise as fd
+from pi_build.engine.fp8 import quantize_rows
 from pi_build.engine import build_component
 from pi_build.engine.layers import Shapes
 from pi_build.model.pi0 import build_model, get_config
@@ -47,7 +48,8 @@ def weight_case(g: torch.Generator, n: int, k: int, fp8: bool):
     """A weight [n, k] as the kernel reads it (bf16, or FP8 + row scales) and its float64 value."""
     w = torch.randn(n, k, generator=g) * k**-0.5
     if fp8:
-        q, scale = fd.quantize_rows_fp8(w)
+        q, scale = quantize_rows(w)
+        scale = scale[..., 0]
         return q, scale, q.double() * scale.double()[:, None]
     return w.bfloat16(), None, w.bfloat16().double()
 
@@ -242,11 +244,28 @@ def kernel_results(device: str) -> dict:
     return out
 
 
+def persistent_matches(config: str, precision: str, batch: int, device: str) -> list:
+    """The persistent schedule against the five kernels a layer on one tiny step: [bitwise equal, rel err].
+    Same work items, same arithmetic, same split order: the outputs must be identical."""
+    _, _, fused, _, inputs = tiny_step(config, precision, batch)
+    fused = fused.to(device)
+    inputs = tuple(t.to(device) for t in inputs)
+    with torch.no_grad():
+        five = fused(*inputs)
+        fused.persistent = True
+        one = fused(*inputs)
+    return [bool(torch.equal(one, five)), rel_err(one.cpu(), five.cpu())]
+
+
+# the persistent schedule: one model per precision, and 8 robots (two row blocks)
+PERSISTENT_STEPS = [("pi05_tiny", "bf16", 1), ("pi0_tiny", "fp8", 1), ("pi05_tiny", "bf16", 8)]
+
 CHECKS = textwrap.dedent("""
     import json, sys, torch
     sys.path.insert(0, {tests!r})
-    from test_fused_denoise import INTERPRETED_STEPS, kernel_results, step_metrics
+    from test_fused_denoise import INTERPRETED_STEPS, PERSISTENT_STEPS, kernel_results, persistent_matches, step_metrics
     out = {{"kernels": kernel_results({device!r})}}
+    out["persistent"] = {{f"{{c}} {{p}} {{b}}": persistent_matches(c, p, b, {device!r}) for c, p, b in PERSISTENT_STEPS}}
     if {device!r} == "cpu":  # the whole tiny steps through the interpreter
         out["steps"] = {{f"{{c}} {{p}} {{b}}": step_metrics(c, p, b) for c, p, b in INTERPRETED_STEPS}}
     print(json.dumps(out))
@@ -305,9 +324,20 @@ def test_whole_step_in_the_interpreter(interpreted, config, precision, batch):
     check_step(m, precision)
 
 
+@pytest.mark.parametrize("config, precision, batch", PERSISTENT_STEPS)
+def test_persistent_schedule_matches_the_five_kernels(interpreted, config, precision, batch):
+    """The interpreter runs the persistent kernel one phase per launch (its programs run one after
+    another, so a grid barrier would wait forever); each program still takes several work items."""
+    equal, err = interpreted["persistent"][f"{config} {precision} {batch}"]
+    assert equal, (config, precision, batch, err)
+
+
 @cuda
 def test_kernels_on_the_gpu():
-    check_kernels(run_checks("cuda")["kernels"])
+    """On a GPU the persistent schedule runs as one grid with its barriers."""
+    results = run_checks("cuda")
+    check_kernels(results["kernels"])
+    assert all(equal for equal, _ in results["persistent"].values()), results["persistent"]
 
 
 # ----------------------------------------------------------------------------- the torch path, in process
@@ -357,10 +387,10 @@ def test_pair_permutation_puts_partners_side_by_side():
 
 
 def test_full_size_tiling():
-    """pi0.5 (10 rows): 64-row x 256-K tiles, 4 warps; pi0 (51 rows): 128-row tiles, 8 warps; pi0.5 at batch
-    16 (160 rows): the same, in row blocks of 64."""
+    """128-row x 256-K tiles at 8 warps: pi0.5 (10 rows) in one 16-row MMA block, pi0 (51 rows) in one of
+    64, pi0.5 at batch 16 (160 rows) in row blocks of 64."""
     dims = fd.ExpertDims(depth=18, width=1024, heads=8, head_dim=256, mlp=4096)
-    for rows, block_m, tile_rows, warps in ((10, 16, 64, 4), (51, 64, 128, 8), (160, 64, 128, 8)):
+    for rows, block_m, tile_rows, warps in ((10, 16, 128, 8), (51, 64, 128, 8), (160, 64, 128, 8)):
         t = fd.plan_tiling(rows, dims)
         assert (t.block_m, t.gemm_warps) == (block_m, warps)
         assert all((g.rows, g.k_slice) == (tile_rows, 256) for g in (t.qkv, t.o, t.gate_up, t.down))
@@ -369,7 +399,8 @@ def test_full_size_tiling():
 
 def test_fp8_rows_keep_their_scale():
     w = torch.randn(64, 128, generator=torch.Generator().manual_seed(5)) * torch.logspace(-3, 1, 64)[:, None]
-    q, scale = fd.quantize_rows_fp8(w)
+    q, scale = quantize_rows(w)
+    scale = scale[..., 0]
     assert q.dtype == torch.float8_e4m3fn and scale.shape == (64,)
     back = q.float() * scale[:, None]
     assert ((back - w).norm(dim=1) / w.norm(dim=1)).max() < 0.04  # every row, small or large

@@ -110,7 +110,8 @@ def component_module(reference: Reference, recipe: Recipe, component: Component,
     if component == Component.DENOISE and spec.backend == Backend.INDUCTOR and kernels.triton_available(reference.device):
         rows = shapes.batch * module.ar_flags.shape[0]
         if spec.precision == Precision.BF16 and rows <= FUSED_DENOISE_MAX_ROWS and os.environ.get("PI_BUILD_FUSED", "1") != "0":
-            module, switched = fused_denoise.use_fused_denoise(module.to(reference.device), Precision.BF16)
+            persistent = os.environ.get("PI_BUILD_PERSISTENT", "0") == "1"
+            module, switched = fused_denoise.use_fused_denoise(module.to(reference.device), Precision.BF16, persistent=persistent)
         else:
             switched = module.use_triton_kernels()
     if (component == Component.VISION and spec.backend == Backend.INDUCTOR and spec.precision == Precision.BF16

@@ -36,6 +36,12 @@ weights rides in the prologue or epilogue of a weight-streaming kernel:
   ``gdc_wait()`` returns only when the previous grid has finished and its writes are visible,
   and every program calls it before reading or writing anything the chain produces.
 
+An experiment, not chosen by builds (``PI_BUILD_PERSISTENT=1`` asks for it): the *persistent*
+schedule runs the same work items in one grid for the whole step, with a grid barrier between
+stages (``persistent_layers``). On an H200 it measured 1.6x slower than the five kernels a layer
+(docs/FUSED-DENOISE.md, "The persistent step"): one register allocation for every stage, and no
+launch-time overlap of weight loads beyond each program's first item.
+
 All kernels of all layers run inside one ``torch.library`` custom op (``pi_build::fused_expert_layers``)
 so that torch.export keeps the step as one graph node around which Inductor compiles the small
 suffix/output projections, and a CUDA graph captures every launch. On the CPU the op computes
@@ -52,6 +58,7 @@ float32 GEMM results before any rounding. FP8: e4m3 weights with one scale per o
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from functools import partial
@@ -60,7 +67,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from pi_build.engine import fp8
+from pi_build.engine.fp8 import quantize_rows
 from pi_build.spec import Precision
 
 try:
@@ -118,15 +125,19 @@ class Tiling:
     attn_rows: int = 16  # folded (token, head) query rows per attention program
     gemm_warps: int = 4
     attn_warps: int = 8
+    # One persistent grid for the whole step (grid barriers between stages) instead of five kernels
+    # a layer; prefetch_l2: each stage also asks L2 for the weights two stages ahead (H200: 0.03 ms
+    # a step slower with it, so off).
+    persistent: bool = False
+    prefetch_l2: bool = False
 
 
-# Default per-program work: 64 weight rows x 256 K values (32 KB in bf16, 16 KB in FP8): small
-# enough to sit in registers before gdc_wait (71 registers per thread in bf16, 157 in FP8 at
-# 4 warps, no spills: offline sm_90 compile with Triton's ptxas), 128-512 programs per GEMM.
-# With more than 16 token rows (pi0: 51): 128-row tiles at 8 warps. Every program reads its rows'
-# activations, so fewer, wider programs read less (H200 sweep: 1.115 against 1.171 ms/step).
-TILE_ROWS = 64
-TILE_ROWS_MANY_TOKENS = 128
+# Per-program work: 128 weight rows x 256 K values (64 KB in bf16) at 8 warps, 64-256 programs per
+# GEMM, loaded into registers before gdc_wait. Every program reads its rows' activations, so fewer,
+# wider programs read less. H200 sweeps, ms a step: pi0 (51 rows) 1.115 against 1.171 for 64-row
+# tiles at 4 warps; pi0.5 (10 rows) 0.561 against 0.571 and, in a second session, 0.5496 against
+# 0.5567 (docs/FUSED-DENOISE.md), so 128-row tiles for every row count.
+TILE_ROWS = 128
 TILE_K = 256
 
 
@@ -147,7 +158,7 @@ def plan_tiling(rows: int, dims: ExpertDims, tile_rows: int | None = None,
     if rows > MAX_ROWS:
         raise ValueError(f"fused denoise handles at most {MAX_ROWS} suffix rows (batch x tokens), got {rows}")
     block_m = min(ROW_BLOCK, max(16, triton_next_pow2(rows)))
-    tile_rows = tile_rows or (TILE_ROWS if block_m <= 16 else TILE_ROWS_MANY_TOKENS)
+    tile_rows = tile_rows or TILE_ROWS
 
     def plain(n: int, k: int, name: str) -> GemmTile:
         return GemmTile(_pow2_divisor(n, tile_rows, 16, f"{name} rows"), _pow2_divisor(k, k_slice, 16, f"{name} K"))
@@ -162,7 +173,7 @@ def plan_tiling(rows: int, dims: ExpertDims, tile_rows: int | None = None,
         o=plain(dims.width, dims.attn_width, "o"),
         gate_up=paired(dims.mlp, dims.width, "gate_up"),
         down=plain(dims.width, dims.mlp, "down"),
-        gemm_warps=warps or (4 if block_m <= 16 else 8),
+        gemm_warps=warps or 8,
         attn_warps=8,  # the prefetched K/V tile (64 KB) spills at 4 warps (offline sm_90 compile)
     )
 
@@ -278,23 +289,48 @@ if triton is not None:
             tl.store(out_ptr + rm[:, None] * OUT_COLS + (col + HALF)[None, :], _bf16(hi * cos + lo * sin, INTERPRET), mask=ok)
 
     @triton.jit
-    def _norm_gemm_kernel(
-        x_ptr, sumsq_ptr, table_ptr, step_ptr, w_ptr, wscale_ptr, cos_ptr, sin_ptr, out_ptr, part_ptr, count_ptr,
-        M, layer, stride_step, eps,
-        K: tl.constexpr, N_SUMSQ: tl.constexpr, N_SUMSQ_P2: tl.constexpr, HALF: tl.constexpr,
-        ROT_GROUPS: tl.constexpr, OUT_COLS: tl.constexpr,
+    def _wait_inputs(SYNC: tl.constexpr, USE_PDL: tl.constexpr, bar_ptr, target, do_wait):
+        """Block until what the chain produced before this work is ready and visible.
+
+        SYNC = 0 (one kernel per stage): PDL's wait for the previous grid, then let the next grid start.
+        SYNC = 1 (the persistent kernel): the previous phase's barrier (its own counter: a program with
+        no work in a phase arrives at once, so one counter for all phases would mix phases) holds
+        ``target`` arrivals. Only a program's first work item of a phase waits (do_wait); later items
+        start after it anyway.
+        """
+        if SYNC:
+            if do_wait:
+                while tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu") < target:
+                    pass
+                tl.debug_barrier()
+        else:
+            _pdl_wait(USE_PDL)
+            _pdl_release(USE_PDL)
+
+    @triton.jit
+    def _grid_arrive(bar_ptr):
+        """The persistent kernel: this program has finished a phase. The CTA barrier orders every
+        thread's stores before the release (the same pattern as a split-K arrival)."""
+        tl.debug_barrier()
+        tl.atomic_add(bar_ptr, 1, sem="release", scope="gpu")
+
+    @triton.jit
+    def _norm_gemm_item(
+        x_ptr, sumsq_ptr, n_sumsq, table_ptr, step_ptr, w_ptr, wscale_ptr, cos_ptr, sin_ptr, out_ptr, part_ptr, count_ptr,
+        M, layer, stride_step, eps, tile, split, bar_ptr, bar_target, do_wait,
+        K: tl.constexpr, N_SUMSQ_P2: tl.constexpr, HALF: tl.constexpr, ROT_GROUPS: tl.constexpr, OUT_COLS: tl.constexpr,
         BM: tl.constexpr, ROW_BLOCKS: tl.constexpr, PAIRS: tl.constexpr, KS: tl.constexpr, SPLIT: tl.constexpr,
-        GELU: tl.constexpr, FP8: tl.constexpr, USE_PDL: tl.constexpr, INTERPRET: tl.constexpr,
+        GELU: tl.constexpr, FP8: tl.constexpr, SYNC: tl.constexpr, USE_PDL: tl.constexpr, INTERPRET: tl.constexpr,
     ):
         """out = epilogue(norm(x) @ W^T) for the qkv (RoPE) and gate|up (GELU x up) projections.
 
-        Program (tile, split): weight rows [tile*2P, +2P) (P pairs) x K columns [split*KS, +KS), for
+        Work item (tile, split): weight rows [tile*2P, +2P) (P pairs) x K columns [split*KS, +KS), for
         every row block of BM token rows in turn.
         norm(x) = x * rsqrt(mean(x^2) + eps) * mult + shift, mult/shift from the layer's norm table
         at this step (pi0.5 adaRMS: 1 + scale, shift; pi0: 1 + weight, 0), rounded to bf16.
+        Reads of what the chain writes go through L2 (.cg): in the persistent kernel another
+        multiprocessor wrote them, and this one's L1 may hold an older copy.
         """
-        tile = tl.program_id(0)
-        split = tl.program_id(1)
         rows = tile * 2 * PAIRS + tl.arange(0, 2 * PAIRS)
         k = split * KS + tl.arange(0, KS)
         # before the wait: only what no kernel of the step writes
@@ -304,16 +340,16 @@ if triton is not None:
         shift = tl.load(table + K + k)
         if FP8:
             wscale = tl.load(wscale_ptr + rows)
-        _pdl_wait(USE_PDL)
-        _pdl_release(USE_PDL)
+        _wait_inputs(SYNC, USE_PDL, bar_ptr, bar_target, do_wait)
         t = tl.arange(0, N_SUMSQ_P2)
         for rb in range(ROW_BLOCKS):
             rm = rb * BM + tl.arange(0, BM)
             row_ok = rm < M
             # each row's mean square from the per-tile sums of squares that the residual's writer left
-            parts = tl.load(sumsq_ptr + t[:, None] * M + rm[None, :], mask=(t[:, None] < N_SUMSQ) & row_ok[None, :], other=0.0)
+            parts = tl.load(sumsq_ptr + t[:, None] * M + rm[None, :], mask=(t[:, None] < n_sumsq) & row_ok[None, :], other=0.0,
+                            cache_modifier=".cg")
             rstd = tl.rsqrt(tl.sum(parts, axis=0) / K + eps)
-            x = tl.load(x_ptr + rm[:, None] * K + k[None, :], mask=row_ok[:, None], other=0.0)
+            x = tl.load(x_ptr + rm[:, None] * K + k[None, :], mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
             h = _bf16(x * rstd[:, None] * mult[None, :] + shift[None, :], INTERPRET)
             acc = _weight_mma(w, h, INTERPRET)
             if FP8:
@@ -330,36 +366,47 @@ if triton is not None:
                     _pair_epilogue(total, tile, rm, M, cos_ptr, sin_ptr, out_ptr, BM, PAIRS, HALF, ROT_GROUPS, OUT_COLS, GELU, INTERPRET)
 
     @triton.jit
+    def _norm_gemm_kernel(
+        x_ptr, sumsq_ptr, table_ptr, step_ptr, w_ptr, wscale_ptr, cos_ptr, sin_ptr, out_ptr, part_ptr, count_ptr,
+        M, layer, stride_step, eps,
+        K: tl.constexpr, N_SUMSQ: tl.constexpr, N_SUMSQ_P2: tl.constexpr, HALF: tl.constexpr,
+        ROT_GROUPS: tl.constexpr, OUT_COLS: tl.constexpr,
+        BM: tl.constexpr, ROW_BLOCKS: tl.constexpr, PAIRS: tl.constexpr, KS: tl.constexpr, SPLIT: tl.constexpr,
+        GELU: tl.constexpr, FP8: tl.constexpr, USE_PDL: tl.constexpr, INTERPRET: tl.constexpr,
+    ):
+        """One work item per program: grid (tiles, splits)."""
+        _norm_gemm_item(x_ptr, sumsq_ptr, N_SUMSQ, table_ptr, step_ptr, w_ptr, wscale_ptr, cos_ptr, sin_ptr, out_ptr, part_ptr,
+                        count_ptr, M, layer, stride_step, eps, tl.program_id(0), tl.program_id(1), count_ptr, 0, False,
+                        K, N_SUMSQ_P2, HALF, ROT_GROUPS, OUT_COLS, BM, ROW_BLOCKS, PAIRS, KS, SPLIT, GELU, FP8, 0, USE_PDL, INTERPRET)
+
+    @triton.jit
     def _residual_epilogue(y, tile, rm, M, gate, x_in_ptr, x_out_ptr, sumsq_ptr, N: tl.constexpr, BN: tl.constexpr):
         """x_out = x_in + gate * y on the tile's columns; the tile's per-row sum of squares for the next norm."""
         n = tile * BN + tl.arange(0, BN)
         ok = rm[:, None] < M
-        x = tl.load(x_in_ptr + rm[:, None] * N + n[None, :], mask=ok, other=0.0) + y * gate[None, :]
+        x = tl.load(x_in_ptr + rm[:, None] * N + n[None, :], mask=ok, other=0.0, cache_modifier=".cg") + y * gate[None, :]
         tl.store(x_out_ptr + rm[:, None] * N + n[None, :], x, mask=ok)
         tl.store(sumsq_ptr + tile * M + rm, tl.sum(x * x, axis=1), mask=rm < M)
 
     @triton.jit
-    def _residual_gemm_kernel(
+    def _residual_gemm_item(
         a_ptr, w_ptr, wscale_ptr, table_ptr, step_ptr, x_in_ptr, x_out_ptr, sumsq_ptr, part_ptr, count_ptr,
-        M, layer, stride_step,
+        M, layer, stride_step, tile, split, bar_ptr, bar_target, do_wait,
         N: tl.constexpr, K: tl.constexpr, BM: tl.constexpr, ROW_BLOCKS: tl.constexpr, BN: tl.constexpr, KS: tl.constexpr,
-        SPLIT: tl.constexpr, FP8: tl.constexpr, USE_PDL: tl.constexpr, INTERPRET: tl.constexpr,
+        SPLIT: tl.constexpr, FP8: tl.constexpr, SYNC: tl.constexpr, USE_PDL: tl.constexpr, INTERPRET: tl.constexpr,
     ):
         """x += gate * (a @ W^T) for the o and down projections (a: bf16 [M, K]); gate from the layer's
-        norm table at this step (pi0: ones)."""
-        tile = tl.program_id(0)
-        split = tl.program_id(1)
+        norm table at this step (pi0: ones). Work item (tile, split) as in ``_norm_gemm_item``."""
         n = tile * BN + tl.arange(0, BN)
         k = split * KS + tl.arange(0, KS)
         w = tl.load(w_ptr + n[:, None] * K + k[None, :])
         gate = tl.load(table_ptr + tl.load(step_ptr) * stride_step + layer * 3 * N + 2 * N + n)
         if FP8:
             wscale = tl.load(wscale_ptr + n)
-        _pdl_wait(USE_PDL)
-        _pdl_release(USE_PDL)
+        _wait_inputs(SYNC, USE_PDL, bar_ptr, bar_target, do_wait)
         for rb in range(ROW_BLOCKS):
             rm = rb * BM + tl.arange(0, BM)
-            a = tl.load(a_ptr + rm[:, None] * K + k[None, :], mask=rm[:, None] < M, other=0.0)
+            a = tl.load(a_ptr + rm[:, None] * K + k[None, :], mask=rm[:, None] < M, other=0.0, cache_modifier=".cg")
             acc = _weight_mma(w, a, INTERPRET)
             if FP8:
                 acc = acc * wscale[None, :]
@@ -373,6 +420,18 @@ if triton is not None:
                     rm = rb * BM + tl.arange(0, BM)
                     total = _sum_partials(part_ptr, tile, rm, M, BM, BN, SPLIT)
                     _residual_epilogue(total, tile, rm, M, gate, x_in_ptr, x_out_ptr, sumsq_ptr, N, BN)
+
+    @triton.jit
+    def _residual_gemm_kernel(
+        a_ptr, w_ptr, wscale_ptr, table_ptr, step_ptr, x_in_ptr, x_out_ptr, sumsq_ptr, part_ptr, count_ptr,
+        M, layer, stride_step,
+        N: tl.constexpr, K: tl.constexpr, BM: tl.constexpr, ROW_BLOCKS: tl.constexpr, BN: tl.constexpr, KS: tl.constexpr,
+        SPLIT: tl.constexpr, FP8: tl.constexpr, USE_PDL: tl.constexpr, INTERPRET: tl.constexpr,
+    ):
+        """One work item per program: grid (tiles, splits)."""
+        _residual_gemm_item(a_ptr, w_ptr, wscale_ptr, table_ptr, step_ptr, x_in_ptr, x_out_ptr, sumsq_ptr, part_ptr, count_ptr,
+                            M, layer, stride_step, tl.program_id(0), tl.program_id(1), count_ptr, 0, False,
+                            N, K, BM, ROW_BLOCKS, BN, KS, SPLIT, FP8, 0, USE_PDL, INTERPRET)
 
     @triton.jit
     def _merge_splits(acc_ptr, max_ptr, sum_ptr, out_ptr, first_slot, tok, h, row_ok,
@@ -398,22 +457,19 @@ if triton is not None:
         tl.store(out_ptr + tok[:, None] * (HQ * D) + h[:, None] * D + d[None, :], _bf16(out, INTERPRET), mask=row_ok[:, None])
 
     @triton.jit
-    def _attention_kernel(
+    def _attention_item(
         qkv_ptr, kc_ptr, vc_ptr, pmask_ptr, cum_ptr, acc_ptr, max_ptr, sum_ptr, count_ptr, out_ptr,
-        S, T, scale, skc_b, skc_s, svc_b, svc_s, spm_b,
+        S, T, scale, skc_b, skc_s, svc_b, svc_s, spm_b, split, rb, b, bar_ptr, bar_target, do_wait,
         HQ: tl.constexpr, D: tl.constexpr, BR: tl.constexpr, BS: tl.constexpr, ROW_BLOCKS: tl.constexpr,
-        SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, USE_PDL: tl.constexpr, INTERPRET: tl.constexpr,
+        SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, SYNC: tl.constexpr, USE_PDL: tl.constexpr, INTERPRET: tl.constexpr,
     ):
         """Attention of the step's folded query rows (token, head) over [S cached keys; T own keys].
 
-        Program (split, row block, batch): BS keys x BR rows. The cached keys/values are constant over
+        Work item (split, row block, batch): BS keys x BR rows. The cached keys/values are constant over
         the step, so they load before the wait. Query t sees cached key j if prefix_mask[j], own key u
-        if cum[u] <= cum[t] (cum = cumsum of the suffix's AR flags). Each program stores an unnormalised
-        partial output with its row max and row sum; the row block's last program merges them.
+        if cum[u] <= cum[t] (cum = cumsum of the suffix's AR flags). Each item stores an unnormalised
+        partial output with its row max and row sum; the row block's last item merges them.
         """
-        split = tl.program_id(0)
-        rb = tl.program_id(1)
-        b = tl.program_id(2)
         d = tl.arange(0, D)
         j = split * BS + tl.arange(0, BS)
         in_cache = j < S
@@ -421,19 +477,18 @@ if triton is not None:
         kc = tl.load(kc_ptr + b * skc_b + j[:, None] * skc_s + d[None, :], mask=in_cache[:, None], other=0.0)
         vc = tl.load(vc_ptr + b * svc_b + j[:, None] * svc_s + d[None, :], mask=in_cache[:, None], other=0.0)
         key_ok = tl.load(pmask_ptr + b * spm_b + j, mask=in_cache, other=0) != 0
-        _pdl_wait(USE_PDL)
-        _pdl_release(USE_PDL)
+        _wait_inputs(SYNC, USE_PDL, bar_ptr, bar_target, do_wait)
         NQKV = (HQ + 2) * D
         r = rb * BR + tl.arange(0, BR)  # folded row = token * HQ + head
         t = r // HQ
         h = r % HQ
         row_ok = r < T * HQ
         tok = b * T + t
-        q = tl.load(qkv_ptr + tok[:, None] * NQKV + h[:, None] * D + d[None, :], mask=row_ok[:, None], other=0.0)
+        q = tl.load(qkv_ptr + tok[:, None] * NQKV + h[:, None] * D + d[None, :], mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
         jn = j - S
         new_tok = b * T + jn
-        kn = tl.load(qkv_ptr + new_tok[:, None] * NQKV + HQ * D + d[None, :], mask=in_new[:, None], other=0.0)
-        vn = tl.load(qkv_ptr + new_tok[:, None] * NQKV + (HQ + 1) * D + d[None, :], mask=in_new[:, None], other=0.0)
+        kn = tl.load(qkv_ptr + new_tok[:, None] * NQKV + HQ * D + d[None, :], mask=in_new[:, None], other=0.0, cache_modifier=".cg")
+        vn = tl.load(qkv_ptr + new_tok[:, None] * NQKV + (HQ + 1) * D + d[None, :], mask=in_new[:, None], other=0.0, cache_modifier=".cg")
         k = tl.where(in_cache[:, None], kc, kn)
         v = tl.where(in_cache[:, None], vc, vn)
         logits = _mma(q, tl.trans(k), INTERPRET) * scale
@@ -455,6 +510,126 @@ if triton is not None:
         arrived = tl.atomic_add(count_ptr + b * ROW_BLOCKS + rb, 1)
         if arrived == SPLITS - 1:
             _merge_splits(acc_ptr, max_ptr, sum_ptr, out_ptr, first_slot, tok, h, row_ok, HQ, D, BR, SPLITS, SPLITS_P2, INTERPRET)
+
+    @triton.jit
+    def _attention_kernel(
+        qkv_ptr, kc_ptr, vc_ptr, pmask_ptr, cum_ptr, acc_ptr, max_ptr, sum_ptr, count_ptr, out_ptr,
+        S, T, scale, skc_b, skc_s, svc_b, svc_s, spm_b,
+        HQ: tl.constexpr, D: tl.constexpr, BR: tl.constexpr, BS: tl.constexpr, ROW_BLOCKS: tl.constexpr,
+        SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, USE_PDL: tl.constexpr, INTERPRET: tl.constexpr,
+    ):
+        """One work item per program: grid (key splits, row blocks, batch)."""
+        _attention_item(qkv_ptr, kc_ptr, vc_ptr, pmask_ptr, cum_ptr, acc_ptr, max_ptr, sum_ptr, count_ptr, out_ptr,
+                        S, T, scale, skc_b, skc_s, svc_b, svc_s, spm_b, tl.program_id(0), tl.program_id(1), tl.program_id(2),
+                        count_ptr, 0, False, HQ, D, BR, BS, ROW_BLOCKS, SPLITS, SPLITS_P2, 0, USE_PDL, INTERPRET)
+
+    @triton.jit
+    def _prefetch_l2(base_ptr, n_bytes, pid, nprog, PREFETCH: tl.constexpr):
+        """Ask L2 for this program's share of the n_bytes at base_ptr (one `prefetch.global.L2` per
+        128-byte line), so that a later phase's weight loads find them there. Nothing waits for it."""
+        if PREFETCH:
+            lines = tl.cdiv(n_bytes, 128)
+            share = tl.cdiv(lines, nprog)
+            base = base_ptr.to(tl.pointer_type(tl.int8))
+            for first in range(pid * share, tl.minimum(lines, (pid + 1) * share), 512):
+                line = first + tl.arange(0, 512)
+                tl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l", [base + line.to(tl.int64) * 128],
+                                          dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
+    def _persistent_layers_kernel(
+        x_ptr, x_sumsq_ptr, resid_ptr, sumsq_ptr, step_ptr, kc_ptr, vc_ptr, pmask_ptr, cum_ptr, cos_ptr, sin_ptr,
+        norm1_ptr, norm2_ptr, wqkv_ptr, wo_ptr, wgu_ptr, wdown_ptr, sqkv_ptr, so_ptr, sgu_ptr, sdown_ptr,
+        qkv_ptr, attn_ptr, hidden_ptr, part_ptr, att_acc_ptr, att_max_ptr, att_sum_ptr, count_ptr, bar_ptr,
+        M, S, T, depth, first_phase, last_phase, stride_step1, stride_step2, eps, scale,
+        skc_l, skc_b, skc_s, svc_l, svc_b, svc_s, spm_b,
+        B: tl.constexpr, W: tl.constexpr, HQ: tl.constexpr, D: tl.constexpr, MLP: tl.constexpr, MAX_TILES: tl.constexpr,
+        BM: tl.constexpr, ROW_BLOCKS: tl.constexpr, N_SUMSQ_P2: tl.constexpr,
+        QKV_PAIRS: tl.constexpr, QKV_KS: tl.constexpr, QKV_SPLIT: tl.constexpr,
+        O_BN: tl.constexpr, O_KS: tl.constexpr, O_SPLIT: tl.constexpr,
+        GU_PAIRS: tl.constexpr, GU_KS: tl.constexpr, GU_SPLIT: tl.constexpr,
+        DOWN_BN: tl.constexpr, DOWN_KS: tl.constexpr, DOWN_SPLIT: tl.constexpr,
+        BR: tl.constexpr, BS: tl.constexpr, ATT_ROW_BLOCKS: tl.constexpr, ATT_SPLITS: tl.constexpr, ATT_SPLITS_P2: tl.constexpr,
+        FP8: tl.constexpr, PREFETCH: tl.constexpr, INTERPRET: tl.constexpr,
+    ):
+        """Phases first_phase..last_phase of the step (phase = layer * 5 + stage) in one persistent grid.
+
+        Each program takes the work items of a phase in turn (item = pid, pid + nprog, ...), the same
+        items as the five kernels' programs, and arrives at a grid barrier when it is done. Its first
+        item of the next phase loads its weight tile *before* waiting at the barrier, so the weight
+        stream of one phase overlaps the end of the previous one without any launch. With PREFETCH, a
+        phase also asks L2 for the weights two stages ahead. Every program must be resident at once
+        (the host launches at most one program per multiprocessor); the interpreter, which runs
+        programs one after another, gets one launch per phase instead.
+        """
+        pid = tl.program_id(0)
+        nprog = tl.num_programs(0)
+        QKV_N = (HQ + 2) * D
+        if PREFETCH and first_phase == 0:
+            _prefetch_l2(wqkv_ptr, QKV_N * W * (1 if FP8 else 2), pid, nprog, PREFETCH)
+            _prefetch_l2(wo_ptr, W * HQ * D * (1 if FP8 else 2), pid, nprog, PREFETCH)
+        for ph in range(first_phase, last_phase + 1):
+            layer = ph // 5
+            stage = ph % 5
+            counts = count_ptr + ph * MAX_TILES
+            # the previous phase's barrier: every program arrives there once. A program with no work
+            # in a phase arrives at once, so each phase has its own counter; and a phase's barrier
+            # implies the earlier ones, since its workers waited for those
+            prev_bar = bar_ptr + ph - 1
+            target = nprog
+            later = ph > first_phase
+            if layer == 0:  # the first layer reads the step's input rows, later ones the residual stream
+                x_in = x_ptr
+                ss_in = x_sumsq_ptr
+                n_ss = 1
+            else:
+                x_in = resid_ptr
+                ss_in = sumsq_ptr
+                n_ss = W // DOWN_BN
+            ebytes = 1 if FP8 else 2
+            if stage == 0:
+                _prefetch_l2(wgu_ptr + layer * 2 * MLP * W, 2 * MLP * W * ebytes, pid, nprog, PREFETCH)
+                for item in range(pid, (QKV_N // (2 * QKV_PAIRS)) * QKV_SPLIT, nprog):
+                    _norm_gemm_item(x_in, ss_in, n_ss, norm1_ptr, step_ptr, wqkv_ptr + layer * QKV_N * W, sqkv_ptr + layer * QKV_N,
+                                    cos_ptr, sin_ptr, qkv_ptr, part_ptr, counts, M, layer, stride_step1, eps,
+                                    item // QKV_SPLIT, item % QKV_SPLIT, prev_bar, target, later & (item == pid),
+                                    W, N_SUMSQ_P2, D // 2, HQ + 1, QKV_N, BM, ROW_BLOCKS, QKV_PAIRS, QKV_KS, QKV_SPLIT,
+                                    False, FP8, 1, False, INTERPRET)
+            elif stage == 1:
+                _prefetch_l2(wdown_ptr + layer * W * MLP, W * MLP * ebytes, pid, nprog, PREFETCH)
+                for item in range(pid, ATT_SPLITS * ATT_ROW_BLOCKS * B, nprog):
+                    split = item % ATT_SPLITS
+                    rb = (item // ATT_SPLITS) % ATT_ROW_BLOCKS
+                    _attention_item(qkv_ptr, kc_ptr + layer * skc_l, vc_ptr + layer * svc_l, pmask_ptr, cum_ptr,
+                                    att_acc_ptr, att_max_ptr, att_sum_ptr, counts, attn_ptr,
+                                    S, T, scale, skc_b, skc_s, svc_b, svc_s, spm_b, split, rb, item // (ATT_SPLITS * ATT_ROW_BLOCKS),
+                                    prev_bar, target, later & (item == pid),
+                                    HQ, D, BR, BS, ATT_ROW_BLOCKS, ATT_SPLITS, ATT_SPLITS_P2, 1, False, INTERPRET)
+            elif stage == 2:
+                if layer + 1 < depth:
+                    _prefetch_l2(wqkv_ptr + (layer + 1) * QKV_N * W, QKV_N * W * ebytes, pid, nprog, PREFETCH)
+                for item in range(pid, (W // O_BN) * O_SPLIT, nprog):
+                    _residual_gemm_item(attn_ptr, wo_ptr + layer * W * HQ * D, so_ptr + layer * W, norm1_ptr, step_ptr,
+                                        x_in, resid_ptr, sumsq_ptr, part_ptr, counts, M, layer, stride_step1,
+                                        item // O_SPLIT, item % O_SPLIT, prev_bar, target, later & (item == pid),
+                                        W, HQ * D, BM, ROW_BLOCKS, O_BN, O_KS, O_SPLIT, FP8, 1, False, INTERPRET)
+            elif stage == 3:
+                if layer + 1 < depth:
+                    _prefetch_l2(wo_ptr + (layer + 1) * W * HQ * D, W * HQ * D * ebytes, pid, nprog, PREFETCH)
+                for item in range(pid, (2 * MLP // (2 * GU_PAIRS)) * GU_SPLIT, nprog):
+                    _norm_gemm_item(resid_ptr, sumsq_ptr, W // O_BN, norm2_ptr, step_ptr, wgu_ptr + layer * 2 * MLP * W,
+                                    sgu_ptr + layer * 2 * MLP, cos_ptr, sin_ptr, hidden_ptr, part_ptr, counts, M, layer, stride_step2, eps,
+                                    item // GU_SPLIT, item % GU_SPLIT, prev_bar, target, later & (item == pid),
+                                    W, N_SUMSQ_P2, MLP, 0, MLP, BM, ROW_BLOCKS, GU_PAIRS, GU_KS, GU_SPLIT,
+                                    True, FP8, 1, False, INTERPRET)
+            else:
+                for item in range(pid, (W // DOWN_BN) * DOWN_SPLIT, nprog):
+                    _residual_gemm_item(hidden_ptr, wdown_ptr + layer * W * MLP, sdown_ptr + layer * W, norm2_ptr, step_ptr,
+                                        resid_ptr, resid_ptr, sumsq_ptr, part_ptr, counts, M, layer, stride_step2,
+                                        item // DOWN_SPLIT, item % DOWN_SPLIT, prev_bar, target, later & (item == pid),
+                                        W, MLP, BM, ROW_BLOCKS, DOWN_BN, DOWN_KS, DOWN_SPLIT, FP8, 1, False, INTERPRET)
+            if ph < last_phase:
+                _grid_arrive(bar_ptr + ph)
 
 
 # ----------------------------------------------------------------------------- launches
@@ -528,6 +703,49 @@ def launch_attention(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, prefix_mask:
 KERNEL_KINDS = ("qkv", "attention", "o", "gate_up", "down")  # the order of one layer's launches
 
 
+@dataclass
+class StepBuffers:
+    """What one call of the op writes besides its weights' products. Every layer reuses them: a stage
+    touches them only after its wait, and the waits chain, so no two stages use one at the same time."""
+
+    resid: Tensor  # [M, W] float32: the residual stream, final after the last layer
+    qkv: Tensor  # [M, (heads + 2) * D] bf16, roped
+    attn: Tensor  # [M, heads * D] bf16
+    hidden: Tensor  # [M, mlp] bf16
+    sumsq: Tensor  # [residual tiles, M] float32: per-tile sums of squares for the next norm
+    parts: Tensor  # split-K partials, float32
+    attn_acc: Tensor  # attention's split partials: outputs, row maxima, row sums
+    attn_max: Tensor
+    attn_sum: Tensor
+    counters: Tensor  # [L, 5, tiles] int32 arrivals per output tile; zeroed with ``barrier`` by one memset
+    barrier: Tensor  # [L * 5] int32: the persistent kernel's arrivals at the end of each phase
+
+
+def step_buffers(x: Tensor, k_cache: Tensor, w_qkv: Tensor, w_o: Tensor, w_gate_up: Tensor, w_down: Tensor,
+                 heads: int, tiling: Tiling) -> StepBuffers:
+    m, width = x.shape
+    depth, batch, _, keys, head_dim = k_cache.shape
+    dev, bf16 = x.device, torch.bfloat16
+    gemms = ((w_qkv, tiling.qkv), (w_o, tiling.o), (w_gate_up, tiling.gate_up), (w_down, tiling.down))
+    splits, row_blocks, _ = attention_grid(batch, m // batch, heads, keys + m // batch, tiling)
+    slots = batch * row_blocks * splits * tiling.attn_rows
+    max_tiles = max([w.shape[1] // t.rows for w, t in gemms] + [batch * row_blocks])
+    flags = torch.zeros(depth * 5 * (max_tiles + 1), dtype=torch.int32, device=dev)  # the step's one memset
+    return StepBuffers(
+        resid=torch.empty_like(x),
+        qkv=torch.empty(m, w_qkv.shape[1], dtype=bf16, device=dev),
+        attn=torch.empty(m, heads * head_dim, dtype=bf16, device=dev),
+        hidden=torch.empty(m, w_down.shape[2], dtype=bf16, device=dev),
+        sumsq=torch.empty(max(width // tiling.o.rows, width // tiling.down.rows), m, dtype=torch.float32, device=dev),
+        parts=torch.empty(max(w.shape[1] * (w.shape[2] // t.k_slice) for w, t in gemms) * m, dtype=torch.float32, device=dev),
+        attn_acc=torch.empty(slots, head_dim, dtype=torch.float32, device=dev),
+        attn_max=torch.empty(slots, dtype=torch.float32, device=dev),
+        attn_sum=torch.empty(slots, dtype=torch.float32, device=dev),
+        counters=flags[: depth * 5 * max_tiles].view(depth, 5, max_tiles),
+        barrier=flags[depth * 5 * max_tiles :],
+    )
+
+
 def layer_launches(x, x_sumsq, step, k_cache, v_cache, prefix_mask, cos, sin, suffix_cum, norm1, norm2,
                    w_qkv, w_o, w_gate_up, w_down, s_qkv, s_o, s_gate_up, s_down, heads, tiling: Tiling):
     """The buffers of one call and every layer's five launches, in order.
@@ -536,29 +754,11 @@ def layer_launches(x, x_sumsq, step, k_cache, v_cache, prefix_mask, cos, sin, su
     [(kind, layer, launch)]). The op runs all launches; benchmarks time subsets (zeroing the
     counters first, as the op's one memset does).
     """
-    m, width = x.shape
-    depth, batch, _, keys, head_dim = k_cache.shape
-    tokens = m // batch
-    mlp = w_down.shape[2]
-    dev = x.device
-    bf16 = torch.bfloat16
-    # Buffers reused by every layer: each kernel touches them only after its gdc_wait, and the
-    # kernels' waits chain, so no two launches use one buffer at the same time.
-    resid = torch.empty_like(x)
-    qkv = torch.empty(m, w_qkv.shape[1], dtype=bf16, device=dev)
-    attn = torch.empty(m, heads * head_dim, dtype=bf16, device=dev)
-    hidden = torch.empty(m, mlp, dtype=bf16, device=dev)
-    res_tiles = max(width // tiling.o.rows, width // tiling.down.rows)
-    sumsq = torch.empty(res_tiles, m, dtype=torch.float32, device=dev)
-    gemms = ((w_qkv, tiling.qkv), (w_o, tiling.o), (w_gate_up, tiling.gate_up), (w_down, tiling.down))
-    parts = torch.empty(max(w.shape[1] * (w.shape[2] // t.k_slice) for w, t in gemms) * m, dtype=torch.float32, device=dev)
-    splits, row_blocks, _ = attention_grid(batch, tokens, heads, keys + tokens, tiling)
-    slots = batch * row_blocks * splits * tiling.attn_rows
-    attn_acc = torch.empty(slots, head_dim, dtype=torch.float32, device=dev)
-    attn_max = torch.empty(slots, dtype=torch.float32, device=dev)
-    attn_sum = torch.empty(slots, dtype=torch.float32, device=dev)
-    max_tiles = max([w.shape[1] // t.rows for w, t in gemms] + [batch * row_blocks])
-    counters = torch.zeros(depth, 5, max_tiles, dtype=torch.int32, device=dev)  # the step's one memset
+    width = x.shape[1]
+    depth, head_dim, mlp = k_cache.shape[0], k_cache.shape[-1], w_down.shape[2]
+    buf = step_buffers(x, k_cache, w_qkv, w_o, w_gate_up, w_down, heads, tiling)
+    resid, qkv, attn, hidden, sumsq, parts, counters = buf.resid, buf.qkv, buf.attn, buf.hidden, buf.sumsq, buf.parts, buf.counters
+    attn_acc, attn_max, attn_sum = buf.attn_acc, buf.attn_max, buf.attn_sum
     half, rot_groups = head_dim // 2, heads + 1
     bm, warps = tiling.block_m, tiling.gemm_warps
 
@@ -587,11 +787,65 @@ def layer_launches(x, x_sumsq, step, k_cache, v_cache, prefix_mask, cos, sin, su
 
 
 def _triton_layers(*args, tiling: Tiling) -> Tensor:
-    """Every layer's five kernels; returns the final residual stream [M, W] (float32)."""
+    """Every layer's stages on the GPU (or the interpreter); returns the final residual stream [M, W] (float32)."""
+    if tiling.persistent:
+        return persistent_layers(*args, tiling=tiling)
     resid, _, launches = layer_launches(*args, tiling=tiling)
     for _, _, launch in launches:
         launch()
     return resid
+
+
+INTERPRETER_PROGRAMS = 5  # the interpreter's persistent grid: fewer programs than items, so each takes several
+
+
+def resident_programs(device: torch.device) -> int:
+    """How many programs of the persistent kernel may run at once: one per multiprocessor (its grid
+    barriers wait for every program, so every program must be resident)."""
+    if INTERPRET:
+        return INTERPRETER_PROGRAMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def persistent_layers(x, x_sumsq, step, k_cache, v_cache, prefix_mask, cos, sin, suffix_cum, norm1, norm2,
+                      w_qkv, w_o, w_gate_up, w_down, s_qkv, s_o, s_gate_up, s_down, heads, tiling: Tiling) -> Tensor:
+    """Every layer in one launch of the persistent kernel (the interpreter: one launch per phase)."""
+    m, width = x.shape
+    depth, batch, _, keys, head_dim = k_cache.shape
+    tokens, mlp = m // batch, w_down.shape[2]
+    buf = step_buffers(x, k_cache, w_qkv, w_o, w_gate_up, w_down, heads, tiling)
+    splits, row_blocks, _ = attention_grid(batch, tokens, heads, keys + tokens, tiling)
+    t = tiling
+    items = max((w_qkv.shape[1] // t.qkv.rows) * (width // t.qkv.k_slice), splits * row_blocks * batch,
+                (width // t.o.rows) * (heads * head_dim // t.o.k_slice), (2 * mlp // t.gate_up.rows) * (width // t.gate_up.k_slice),
+                (width // t.down.rows) * (mlp // t.down.k_slice))
+    programs = min(items, resident_programs(x.device))
+    phases = [(p, p) for p in range(5 * depth)] if INTERPRET else [(0, 5 * depth - 1)]
+    mask_u8 = prefix_mask.view(torch.uint8)
+    k0, v0 = k_cache[:, :, 0], v_cache[:, :, 0]  # [L, B, S, D]
+
+    def scale_or(s: Tensor | None, w: Tensor) -> Tensor:
+        return w if s is None else s
+
+    options = {} if INTERPRET else {"num_warps": t.attn_warps, "num_stages": 1}
+    for first, last in phases:
+        _persistent_layers_kernel[(programs,)](
+            x, x_sumsq, buf.resid, buf.sumsq, step, k0, v0, mask_u8, suffix_cum, cos, sin, norm1, norm2,
+            w_qkv, w_o, w_gate_up, w_down, scale_or(s_qkv, w_qkv), scale_or(s_o, w_o), scale_or(s_gate_up, w_gate_up),
+            scale_or(s_down, w_down), buf.qkv, buf.attn, buf.hidden, buf.parts, buf.attn_acc, buf.attn_max, buf.attn_sum,
+            buf.counters, buf.barrier,
+            m, keys, tokens, depth, first, last, _step_stride(norm1), _step_stride(norm2), EPS, head_dim**-0.5,
+            k0.stride(0), k0.stride(1), k0.stride(2), v0.stride(0), v0.stride(1), v0.stride(2), mask_u8.stride(0),
+            B=batch, W=width, HQ=heads, D=head_dim, MLP=mlp, MAX_TILES=buf.counters.shape[2],
+            BM=t.block_m, ROW_BLOCKS=-(-m // t.block_m), N_SUMSQ_P2=triton_next_pow2(buf.sumsq.shape[0]),
+            QKV_PAIRS=t.qkv.rows // 2, QKV_KS=t.qkv.k_slice, QKV_SPLIT=width // t.qkv.k_slice,
+            O_BN=t.o.rows, O_KS=t.o.k_slice, O_SPLIT=heads * head_dim // t.o.k_slice,
+            GU_PAIRS=t.gate_up.rows // 2, GU_KS=t.gate_up.k_slice, GU_SPLIT=width // t.gate_up.k_slice,
+            DOWN_BN=t.down.rows, DOWN_KS=t.down.k_slice, DOWN_SPLIT=mlp // t.down.k_slice,
+            BR=t.attn_rows, BS=t.attn_keys, ATT_ROW_BLOCKS=row_blocks, ATT_SPLITS=splits, ATT_SPLITS_P2=triton_next_pow2(splits),
+            FP8=s_qkv is not None, PREFETCH=t.prefetch_l2 and not INTERPRET, INTERPRET=INTERPRET, **options,
+        )
+    return buf.resid
 
 
 # ----------------------------------------------------------------------------- the same arithmetic in torch
@@ -701,7 +955,7 @@ def fused_expert_layers(
     cos: Tensor, sin: Tensor, suffix_cum: Tensor, norm1: Tensor, norm2: Tensor,
     w_qkv: Tensor, w_o: Tensor, w_gate_up: Tensor, w_down: Tensor,
     s_qkv: Optional[Tensor], s_o: Optional[Tensor], s_gate_up: Optional[Tensor], s_down: Optional[Tensor],
-    heads: int,
+    heads: int, persistent: bool = False,
 ) -> Tensor:
     """Every expert layer on the residual stream x [M, W] (float32) -> the final residual stream.
 
@@ -710,21 +964,22 @@ def fused_expert_layers(
     suffix_cum int32 [T]: cumsum of the suffix's AR flags; norm1/norm2 [steps or 1, L, 3, W] float32:
     (mult, shift, gate) of the norm before attention / MLP (indexed by ``step`` when steps > 1).
     w_qkv [L, (heads+2)*D, W] and w_gate_up [L, 2*mlp, W] in ``pair_permutation`` order; w_o, w_down
-    plain; bf16, or FP8 with float32 row scales s_* [L, rows].
+    plain; bf16, or FP8 with float32 row scales s_* [L, rows]. persistent: one grid for every layer
+    (``persistent_layers``) instead of five kernels a layer; the same arithmetic, bit for bit.
     """
     check_layer_inputs(x, k_cache, w_qkv, heads)
     args = (x, x_sumsq, step, k_cache, v_cache, prefix_mask, cos, sin, suffix_cum, norm1, norm2,
             w_qkv, w_o, w_gate_up, w_down, s_qkv, s_o, s_gate_up, s_down, heads)
     if _uses_triton(x.device):
         dims = ExpertDims(k_cache.shape[0], x.shape[1], heads, k_cache.shape[-1], w_down.shape[2])
-        tiling = TILING_OVERRIDE or plan_tiling(x.shape[0], dims)
+        tiling = TILING_OVERRIDE or dataclasses.replace(plan_tiling(x.shape[0], dims), persistent=persistent)
         return _triton_layers(*args, tiling=tiling)
     return _torch_layers(*args)
 
 
 @fused_expert_layers.register_fake
 def _(x, x_sumsq, step, k_cache, v_cache, prefix_mask, cos, sin, suffix_cum, norm1, norm2,
-      w_qkv, w_o, w_gate_up, w_down, s_qkv, s_o, s_gate_up, s_down, heads):
+      w_qkv, w_o, w_gate_up, w_down, s_qkv, s_o, s_gate_up, s_down, heads, persistent=False):
     return torch.empty_like(x)
 
 
@@ -732,12 +987,6 @@ TILING_OVERRIDE: Tiling | None = None  # set by benchmarks to try other block si
 
 
 # ----------------------------------------------------------------------------- the module
-
-
-def quantize_rows_fp8(weight: Tensor) -> tuple[Tensor, Tensor]:
-    """e4m3 weight with one float32 scale per output row: w ~= w_fp8 * scale[:, None], scale = amax / 448."""
-    w_fp8, scale = fp8.quantize_rows(weight)
-    return w_fp8, scale[..., 0]
 
 
 class FusedDenoiseStep(nn.Module):
@@ -751,7 +1000,7 @@ class FusedDenoiseStep(nn.Module):
     input_names = ("x", "step", "k", "v", "prefix_mask", "state")
     output_names = ("x_next",)
 
-    def __init__(self, component: nn.Module, fp8: bool = False):
+    def __init__(self, component: nn.Module, fp8: bool = False, persistent: bool = False):
         super().__init__()
         cfg = component.cfg.expert
         if component.dtype != torch.bfloat16:
@@ -760,6 +1009,7 @@ class FusedDenoiseStep(nn.Module):
             raise ValueError(f"fused denoise needs one KV head, the expert has {cfg.num_kv_heads}")
         self.spec, self.cfg, self.pi05 = component.spec, component.cfg, component.pi05
         self.precision = Precision.FP8 if fp8 else Precision.BF16
+        self.persistent = persistent
         self.dims = ExpertDims(cfg.depth, cfg.width, cfg.num_heads, cfg.head_dim, cfg.mlp_dim)
         self.suffix_len = component.ar_flags.shape[0]
         self.tiling = plan_tiling(self.spec.batch * self.suffix_len, self.dims)  # refuses unsupported shapes now
@@ -792,8 +1042,8 @@ class FusedDenoiseStep(nn.Module):
                 raise ValueError("fused denoise: the expert's linears have no biases (Gemma)")
         for name, w in weights.items():
             if fp8:
-                w, scale = quantize_rows_fp8(w)
-                self.register_buffer(f"s_{name}", scale)
+                w, scale = quantize_rows(w)  # e4m3 rows, one float32 scale per output row
+                self.register_buffer(f"s_{name}", scale[..., 0])
             else:
                 self.register_buffer(f"s_{name}", None)
             self.register_buffer(f"w_{name}", w.contiguous())
@@ -839,7 +1089,7 @@ class FusedDenoiseStep(nn.Module):
             rows, rows.square().sum(-1), step, k.to(torch.bfloat16), v.to(torch.bfloat16), prefix_mask,
             angles.cos(), angles.sin(), self.suffix_cum, self.norm1, self.norm2,
             self.w_qkv, self.w_o, self.w_gate_up, self.w_down, self.s_qkv, self.s_o, self.s_gate_up, self.s_down,
-            self.dims.heads,
+            self.dims.heads, self.persistent,
         )
         last = out.reshape(b, t, width)[:, -self.spec.horizon :]
         final = self.final_norm.index_select(0, step.reshape(1) if self.pi05 else torch.zeros_like(step).reshape(1))[0]
@@ -847,13 +1097,16 @@ class FusedDenoiseStep(nn.Module):
         return x_t + self.dt * self.action_out(normed)
 
 
-def use_fused_denoise(component: nn.Module, precision: Precision = Precision.BF16) -> tuple[FusedDenoiseStep, dict]:
+def use_fused_denoise(component: nn.Module, precision: Precision = Precision.BF16,
+                      persistent: bool = False) -> tuple[FusedDenoiseStep, dict]:
     """What the build calls: the fused step for a bf16 ``DenoiseComponent`` (bf16 expert weights, or
-    FP8 for e4m3 ones with per-row scales) and a manifest entry saying what was switched."""
+    FP8 for e4m3 ones with per-row scales), as five kernels a layer or one persistent grid, and a
+    manifest entry saying what was switched."""
     if precision not in (Precision.BF16, Precision.FP8):
         raise ValueError(f"fused denoise precision must be bf16 or fp8, got {precision!r}")
-    fused = FusedDenoiseStep(component, fp8=precision == Precision.FP8).to(component.dt.device).eval()
+    fused = FusedDenoiseStep(component, fp8=precision == Precision.FP8, persistent=persistent).to(component.dt.device).eval()
     t = fused.tiling
-    info = {"fused_denoise": precision, "kernels_per_layer": 5, "layers": fused.dims.depth, "rows": fused.spec.batch * fused.suffix_len,
+    info = {"fused_denoise": precision, "kernels_per_layer": 0 if persistent else 5, "persistent": persistent,
+            "layers": fused.dims.depth, "rows": fused.spec.batch * fused.suffix_len,
             "tiling": {name: [getattr(t, name).rows, getattr(t, name).k_slice] for name in ("qkv", "o", "gate_up", "down")}}
     return fused, info
