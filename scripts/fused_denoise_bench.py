@@ -190,9 +190,10 @@ def sweep_candidates(rows: int, fp8: bool, persistent: bool = False) -> list[tup
     The first H200 run also tried 64x128 w4, 128x128 w4 and 64x512 w8 at 10 rows and 128x128 w8 at
     51 rows: all slower or equal (docs/FUSED-DENOISE.md)."""
     if persistent:  # one grid of 8 warps: other work-item sizes; L2 prefetch; fewer keys per item
-        return [("persistent with L2 prefetch", dict(prefetch_l2=True)), ("persistent 64x512", dict(k_slice=512)),
-                ("persistent 64x256", dict(tile_rows=64)), ("persistent attention 32 keys", dict(attn_keys=32)),
-                ("persistent 64x512, attention 32 keys", dict(k_slice=512, attn_keys=32))]
+        return [("persistent with L2 prefetch", dict(prefetch_l2=True)), ("persistent lean K/V", dict(attn_lean_kv=True)),
+                ("persistent 128x512", dict(k_slice=512)), ("persistent 64x256", dict(tile_rows=64)),
+                ("persistent attention 32 keys", dict(attn_keys=32)),
+                ("persistent 128x512, attention 32 keys", dict(k_slice=512, attn_keys=32))]
     if rows <= 16:  # default 128x256, 8 warps (was 64x256, 4 warps, until the second H200 sweep)
         out = [("gemm 64x256 w4", dict(tile_rows=64, warps=4))]
     elif rows > fd.ROW_BLOCK:  # several row blocks: fewer K splits write fewer float32 partials
@@ -203,8 +204,8 @@ def sweep_candidates(rows: int, fp8: bool, persistent: bool = False) -> list[tup
         return out
     # Attention is ~30% of the 10-row step: fewer programs that each take more of the 80 folded
     # query rows read each K/V tile fewer times (5 times at 16 rows) but hold more registers.
-    return out + [("attention 32 keys", dict(attn_keys=32)), ("attention 32 rows", dict(attn_rows=32)),
-                  ("attention 64 rows x 32 keys", dict(attn_rows=64, attn_keys=32))]
+    return out + [("attention lean K/V", dict(attn_lean_kv=True)), ("attention 32 keys", dict(attn_keys=32)),
+                  ("attention 32 rows", dict(attn_rows=32)), ("attention 64 rows x 32 keys", dict(attn_rows=64, attn_keys=32))]
 
 
 @torch.no_grad()
@@ -215,7 +216,7 @@ def sweep(compiled, fused: fd.FusedDenoiseStep, loop_args: tuple, steps: int, bu
         if time.time() - T0 > budget_s:
             log(f"  sweep {label}: skipped (time budget)")
             continue
-        attention = {key: opts.pop(key) for key in ("attn_keys", "attn_rows", "prefetch_l2") if key in opts}
+        attention = {key: opts.pop(key) for key in ("attn_keys", "attn_rows", "attn_lean_kv", "prefetch_l2") if key in opts}
         attention["persistent"] = fused.persistent
         tiling = fd.plan_tiling(rows, fused.dims, **opts)
         fd.TILING_OVERRIDE = fd.Tiling(**{**tiling.__dict__, **attention})

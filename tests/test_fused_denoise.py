@@ -220,6 +220,9 @@ KERNEL_CASES = [
     ("attention b1 pi0.5", "attention", dict(b=1, t=10, s=150, heads=4, d=32, pi0_flags=False, seed=19), (32, 16, 1)),
     ("attention b1 all rows in one block", "attention", dict(b=1, t=10, s=150, heads=4, d=32, pi0_flags=False, seed=25), (32, 64, 8)),
     ("attention b2 pi0", "attention", dict(b=2, t=11, s=90, heads=2, d=16, pi0_flags=True, seed=20), (16, 16, 8)),
+    # own keys loaded into the cached K/V tile (attn_lean_kv): a block with both, blocks of each alone
+    ("attention b1 pi0.5 lean K/V", "attention", dict(b=1, t=10, s=150, heads=4, d=32, pi0_flags=False, seed=26), (32, 16, 8, True)),
+    ("attention b2 pi0 lean K/V", "attention", dict(b=2, t=11, s=90, heads=2, d=16, pi0_flags=True, seed=27), (16, 16, 8, True)),
 ]
 
 
@@ -238,7 +241,8 @@ def kernel_results(device: str) -> dict:
             out[name] = [max(rel_err(x, truth), rel_err(sumsq, parts)), bool(torch.isfinite(x).all() and torch.isfinite(sumsq).all())]
         else:
             inputs, truth = attention_case(**kwargs)
-            tiling = fd.Tiling(16, *[fd.GemmTile(16, 16)] * 4, attn_keys=a, attn_rows=b, attn_warps=warps[0])
+            tiling = fd.Tiling(16, *[fd.GemmTile(16, 16)] * 4, attn_keys=a, attn_rows=b, attn_warps=warps[0],
+                               attn_lean_kv=len(warps) > 1 and warps[1])
             got = run_attention(inputs, tiling, device).cpu()
             out[name] = [rel_err(got, truth), bool(torch.isfinite(got).all())]
     return out

@@ -125,6 +125,10 @@ class Tiling:
     attn_rows: int = 16  # folded (token, head) query rows per attention program
     gemm_warps: int = 4
     attn_warps: int = 8
+    # Attention loads the step's own keys into the cached K/V tile (a masked load whose other value is
+    # that tile) instead of a second tile and a select. Offline sm_90 compile at 8 warps: a 232-byte
+    # stack of spills against 600. Not yet timed on a GPU, so off (the sweep tries it).
+    attn_lean_kv: bool = False
     # One persistent grid for the whole step (grid barriers between stages) instead of five kernels
     # a layer; prefetch_l2: each stage also asks L2 for the weights two stages ahead (H200: 0.03 ms
     # a step slower with it, so off).
@@ -461,7 +465,8 @@ if triton is not None:
         qkv_ptr, kc_ptr, vc_ptr, pmask_ptr, cum_ptr, acc_ptr, max_ptr, sum_ptr, count_ptr, out_ptr,
         S, T, scale, skc_b, skc_s, svc_b, svc_s, spm_b, split, rb, b, bar_ptr, bar_target, do_wait,
         HQ: tl.constexpr, D: tl.constexpr, BR: tl.constexpr, BS: tl.constexpr, ROW_BLOCKS: tl.constexpr,
-        SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, SYNC: tl.constexpr, USE_PDL: tl.constexpr, INTERPRET: tl.constexpr,
+        SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, LEAN_KV: tl.constexpr, SYNC: tl.constexpr, USE_PDL: tl.constexpr,
+        INTERPRET: tl.constexpr,
     ):
         """Attention of the step's folded query rows (token, head) over [S cached keys; T own keys].
 
@@ -469,15 +474,22 @@ if triton is not None:
         the step, so they load before the wait. Query t sees cached key j if prefix_mask[j], own key u
         if cum[u] <= cum[t] (cum = cumsum of the suffix's AR flags). Each item stores an unnormalised
         partial output with its row max and row sum; the row block's last item merges them.
+        LEAN_KV: the own keys load into the cached tile (a masked load whose other value is that tile)
+        instead of a second tile and a select, so one K and one V tile are live, not two of each.
+        In the persistent kernel (SYNC) the K/V tile loads after the barrier: held across the wait it
+        spilled (offline sm_90 compile at 8 warps: a 576-byte stack against 160).
         """
         d = tl.arange(0, D)
         j = split * BS + tl.arange(0, BS)
         in_cache = j < S
         in_new = (j >= S) & (j < S + T)
+        if SYNC:
+            _wait_inputs(SYNC, USE_PDL, bar_ptr, bar_target, do_wait)
         kc = tl.load(kc_ptr + b * skc_b + j[:, None] * skc_s + d[None, :], mask=in_cache[:, None], other=0.0)
         vc = tl.load(vc_ptr + b * svc_b + j[:, None] * svc_s + d[None, :], mask=in_cache[:, None], other=0.0)
         key_ok = tl.load(pmask_ptr + b * spm_b + j, mask=in_cache, other=0) != 0
-        _wait_inputs(SYNC, USE_PDL, bar_ptr, bar_target, do_wait)
+        if not SYNC:
+            _wait_inputs(SYNC, USE_PDL, bar_ptr, bar_target, do_wait)
         NQKV = (HQ + 2) * D
         r = rb * BR + tl.arange(0, BR)  # folded row = token * HQ + head
         t = r // HQ
@@ -487,10 +499,14 @@ if triton is not None:
         q = tl.load(qkv_ptr + tok[:, None] * NQKV + h[:, None] * D + d[None, :], mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
         jn = j - S
         new_tok = b * T + jn
-        kn = tl.load(qkv_ptr + new_tok[:, None] * NQKV + HQ * D + d[None, :], mask=in_new[:, None], other=0.0, cache_modifier=".cg")
-        vn = tl.load(qkv_ptr + new_tok[:, None] * NQKV + (HQ + 1) * D + d[None, :], mask=in_new[:, None], other=0.0, cache_modifier=".cg")
-        k = tl.where(in_cache[:, None], kc, kn)
-        v = tl.where(in_cache[:, None], vc, vn)
+        if LEAN_KV:
+            k = tl.load(qkv_ptr + new_tok[:, None] * NQKV + HQ * D + d[None, :], mask=in_new[:, None], other=kc, cache_modifier=".cg")
+            v = tl.load(qkv_ptr + new_tok[:, None] * NQKV + (HQ + 1) * D + d[None, :], mask=in_new[:, None], other=vc, cache_modifier=".cg")
+        else:
+            kn = tl.load(qkv_ptr + new_tok[:, None] * NQKV + HQ * D + d[None, :], mask=in_new[:, None], other=0.0, cache_modifier=".cg")
+            vn = tl.load(qkv_ptr + new_tok[:, None] * NQKV + (HQ + 1) * D + d[None, :], mask=in_new[:, None], other=0.0, cache_modifier=".cg")
+            k = tl.where(in_cache[:, None], kc, kn)
+            v = tl.where(in_cache[:, None], vc, vn)
         logits = _mma(q, tl.trans(k), INTERPRET) * scale
         cum_q = tl.load(cum_ptr + t, mask=row_ok, other=0)
         cum_k = tl.load(cum_ptr + jn, mask=in_new, other=0)
@@ -516,12 +532,12 @@ if triton is not None:
         qkv_ptr, kc_ptr, vc_ptr, pmask_ptr, cum_ptr, acc_ptr, max_ptr, sum_ptr, count_ptr, out_ptr,
         S, T, scale, skc_b, skc_s, svc_b, svc_s, spm_b,
         HQ: tl.constexpr, D: tl.constexpr, BR: tl.constexpr, BS: tl.constexpr, ROW_BLOCKS: tl.constexpr,
-        SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, USE_PDL: tl.constexpr, INTERPRET: tl.constexpr,
+        SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, LEAN_KV: tl.constexpr, USE_PDL: tl.constexpr, INTERPRET: tl.constexpr,
     ):
         """One work item per program: grid (key splits, row blocks, batch)."""
         _attention_item(qkv_ptr, kc_ptr, vc_ptr, pmask_ptr, cum_ptr, acc_ptr, max_ptr, sum_ptr, count_ptr, out_ptr,
                         S, T, scale, skc_b, skc_s, svc_b, svc_s, spm_b, tl.program_id(0), tl.program_id(1), tl.program_id(2),
-                        count_ptr, 0, False, HQ, D, BR, BS, ROW_BLOCKS, SPLITS, SPLITS_P2, 0, USE_PDL, INTERPRET)
+                        count_ptr, 0, False, HQ, D, BR, BS, ROW_BLOCKS, SPLITS, SPLITS_P2, LEAN_KV, 0, USE_PDL, INTERPRET)
 
     @triton.jit
     def _prefetch_l2(base_ptr, n_bytes, pid, nprog, PREFETCH: tl.constexpr):
@@ -550,7 +566,7 @@ if triton is not None:
         GU_PAIRS: tl.constexpr, GU_KS: tl.constexpr, GU_SPLIT: tl.constexpr,
         DOWN_BN: tl.constexpr, DOWN_KS: tl.constexpr, DOWN_SPLIT: tl.constexpr,
         BR: tl.constexpr, BS: tl.constexpr, ATT_ROW_BLOCKS: tl.constexpr, ATT_SPLITS: tl.constexpr, ATT_SPLITS_P2: tl.constexpr,
-        FP8: tl.constexpr, PREFETCH: tl.constexpr, INTERPRET: tl.constexpr,
+        LEAN_KV: tl.constexpr, FP8: tl.constexpr, PREFETCH: tl.constexpr, INTERPRET: tl.constexpr,
     ):
         """Phases first_phase..last_phase of the step (phase = layer * 5 + stage) in one persistent grid.
 
@@ -604,7 +620,7 @@ if triton is not None:
                                     att_acc_ptr, att_max_ptr, att_sum_ptr, counts, attn_ptr,
                                     S, T, scale, skc_b, skc_s, svc_b, svc_s, spm_b, split, rb, item // (ATT_SPLITS * ATT_ROW_BLOCKS),
                                     prev_bar, target, later & (item == pid),
-                                    HQ, D, BR, BS, ATT_ROW_BLOCKS, ATT_SPLITS, ATT_SPLITS_P2, 1, False, INTERPRET)
+                                    HQ, D, BR, BS, ATT_ROW_BLOCKS, ATT_SPLITS, ATT_SPLITS_P2, LEAN_KV, 1, False, INTERPRET)
             elif stage == 2:
                 if layer + 1 < depth:
                     _prefetch_l2(wqkv_ptr + (layer + 1) * QKV_N * W, QKV_N * W * ebytes, pid, nprog, PREFETCH)
@@ -695,7 +711,7 @@ def launch_attention(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, prefix_mask:
         qkv, k_cache, v_cache, mask_u8, suffix_cum, acc, row_max, row_sum, counters, out,
         s, t, d**-0.5, k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), mask_u8.stride(0),
         HQ=heads, D=d, BR=tiling.attn_rows, BS=tiling.attn_keys, ROW_BLOCKS=row_blocks, SPLITS=splits,
-        SPLITS_P2=triton_next_pow2(splits), USE_PDL=USE_PDL and not INTERPRET, INTERPRET=INTERPRET,
+        SPLITS_P2=triton_next_pow2(splits), LEAN_KV=tiling.attn_lean_kv, USE_PDL=USE_PDL and not INTERPRET, INTERPRET=INTERPRET,
         **_options(tiling.attn_warps),
     )
 
@@ -843,7 +859,7 @@ def persistent_layers(x, x_sumsq, step, k_cache, v_cache, prefix_mask, cos, sin,
             GU_PAIRS=t.gate_up.rows // 2, GU_KS=t.gate_up.k_slice, GU_SPLIT=width // t.gate_up.k_slice,
             DOWN_BN=t.down.rows, DOWN_KS=t.down.k_slice, DOWN_SPLIT=mlp // t.down.k_slice,
             BR=t.attn_rows, BS=t.attn_keys, ATT_ROW_BLOCKS=row_blocks, ATT_SPLITS=splits, ATT_SPLITS_P2=triton_next_pow2(splits),
-            FP8=s_qkv is not None, PREFETCH=t.prefetch_l2 and not INTERPRET, INTERPRET=INTERPRET, **options,
+            LEAN_KV=t.attn_lean_kv, FP8=s_qkv is not None, PREFETCH=t.prefetch_l2 and not INTERPRET, INTERPRET=INTERPRET, **options,
         )
     return buf.resid
 
