@@ -191,14 +191,22 @@ def tiny_step(config: str, precision: str = "bf16", batch: int = 1):
     return library, reference, fused, info, inputs
 
 
-def step_metrics(config: str, precision: str, batch: int = 1) -> dict:
-    library, reference, fused, _, inputs = tiny_step(config, precision, batch)
+def step_metrics(config: str, precision: str, batch: int = 1, device: str = "cpu") -> dict:
+    """The fused step (five kernels a layer) against the library and the float32 reference, and the
+    persistent schedule against it: [bitwise equal, rel err] (same work items, same arithmetic, same
+    split order, so the outputs must be identical)."""
+    library, reference, fused, _, inputs = (m.to(device) if isinstance(m, torch.nn.Module) else m for m in tiny_step(config, precision, batch))
+    inputs = tuple(t.to(device) for t in inputs)
     with torch.no_grad():
         got = fused(*inputs)
         lib = library(*inputs)
         ref = reference(*(t.float() if t.is_floating_point() else t for t in inputs))
+        fused.persistent = True
+        one_grid = fused(*inputs)
+    got, lib, ref, one_grid = (t.cpu() for t in (got, lib, ref, one_grid))
     return {"vs_library": [cosine(got, lib), rel_err(got, lib)], "vs_fp32": [cosine(got, ref), rel_err(got, ref)],
-            "library_vs_fp32": [cosine(lib, ref), rel_err(lib, ref)], "finite": bool(torch.isfinite(got).all())}
+            "library_vs_fp32": [cosine(lib, ref), rel_err(lib, ref)], "finite": bool(torch.isfinite(got).all()),
+            "persistent": [bool(torch.equal(one_grid, got)), rel_err(one_grid, got)]}
 
 
 # The kernels' cases: (name, kind, kwargs, tiling (+ warps)). Odd row counts; splits of 1, 3, 4 and 6;
@@ -248,30 +256,13 @@ def kernel_results(device: str) -> dict:
     return out
 
 
-def persistent_matches(config: str, precision: str, batch: int, device: str) -> list:
-    """The persistent schedule against the five kernels a layer on one tiny step: [bitwise equal, rel err].
-    Same work items, same arithmetic, same split order: the outputs must be identical."""
-    _, _, fused, _, inputs = tiny_step(config, precision, batch)
-    fused = fused.to(device)
-    inputs = tuple(t.to(device) for t in inputs)
-    with torch.no_grad():
-        five = fused(*inputs)
-        fused.persistent = True
-        one = fused(*inputs)
-    return [bool(torch.equal(one, five)), rel_err(one.cpu(), five.cpu())]
-
-
-# the persistent schedule: one model per precision, and 8 robots (two row blocks)
-PERSISTENT_STEPS = [("pi05_tiny", "bf16", 1), ("pi0_tiny", "fp8", 1), ("pi05_tiny", "bf16", 8)]
-
 CHECKS = textwrap.dedent("""
     import json, sys, torch
     sys.path.insert(0, {tests!r})
-    from test_fused_denoise import INTERPRETED_STEPS, PERSISTENT_STEPS, kernel_results, persistent_matches, step_metrics
+    from test_fused_denoise import INTERPRETED_STEPS, kernel_results, step_metrics
     out = {{"kernels": kernel_results({device!r})}}
-    out["persistent"] = {{f"{{c}} {{p}} {{b}}": persistent_matches(c, p, b, {device!r}) for c, p, b in PERSISTENT_STEPS}}
-    if {device!r} == "cpu":  # the whole tiny steps through the interpreter
-        out["steps"] = {{f"{{c}} {{p}} {{b}}": step_metrics(c, p, b) for c, p, b in INTERPRETED_STEPS}}
+    # the whole tiny steps (on the CPU through the interpreter)
+    out["steps"] = {{f"{{c}} {{p}} {{b}}": step_metrics(c, p, b, {device!r}) for c, p, b in INTERPRETED_STEPS}}
     print(json.dumps(out))
 """)
 
@@ -328,11 +319,11 @@ def test_whole_step_in_the_interpreter(interpreted, config, precision, batch):
     check_step(m, precision)
 
 
-@pytest.mark.parametrize("config, precision, batch", PERSISTENT_STEPS)
+@pytest.mark.parametrize("config, precision, batch", INTERPRETED_STEPS)
 def test_persistent_schedule_matches_the_five_kernels(interpreted, config, precision, batch):
     """The interpreter runs the persistent kernel one phase per launch (its programs run one after
     another, so a grid barrier would wait forever); each program still takes several work items."""
-    equal, err = interpreted["persistent"][f"{config} {precision} {batch}"]
+    equal, err = interpreted["steps"][f"{config} {precision} {batch}"]["persistent"]
     assert equal, (config, precision, batch, err)
 
 
@@ -341,7 +332,7 @@ def test_kernels_on_the_gpu():
     """On a GPU the persistent schedule runs as one grid with its barriers."""
     results = run_checks("cuda")
     check_kernels(results["kernels"])
-    assert all(equal for equal, _ in results["persistent"].values()), results["persistent"]
+    assert all(m["persistent"][0] for m in results["steps"].values()), results["steps"]
 
 
 # ----------------------------------------------------------------------------- the torch path, in process
