@@ -268,7 +268,7 @@ CHECKS = textwrap.dedent("""
 
 
 def run_checks(device: str) -> dict:
-    env = {**os.environ, "PYTHONPATH": SRC, "TRITON_INTERPRET": "1" if device == "cpu" else "0"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")])), "TRITON_INTERPRET": "1" if device == "cpu" else "0"}
     proc = subprocess.run([sys.executable, "-c", CHECKS.format(tests=str(Path(__file__).parent), device=device)],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
