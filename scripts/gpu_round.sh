@@ -8,7 +8,7 @@
 #
 # The work runs detached (setsid) so that it outlives one `run` call: call `poll` again within 30 s
 # and the machine stays warm. Carried wheels (.whl: ModelOpt, pydantic, websockets) are installed first.
-# PHASES (default "smoke pi05 pi0 batch"; also "vision", "fp8", "denoise16", "fused16", "fusedsweep", "fp8keep", "gputests", "persistent", "pi05persistent") picks phases. Checkpoints land where the recipes look for
+# PHASES (default "smoke pi05 pi0 batch"; also "vision", "fp8", "denoise16", "fused16", "fusedsweep", "fp8keep", "gputests", "persistent", "pi05persistent", "prefixattn") picks phases. Checkpoints land where the recipes look for
 # them (checkpoints/<name>, relative to the copied code), engines under /tmp/pib/engines.
 set -uo pipefail
 W=/tmp/pib
@@ -80,7 +80,16 @@ print('persistent', p['persistent'].get('ms_per_step'), 'fused', p['fused'].get(
     || { echo "the persistent step did not win: no pi0.5 bench with it"; return 0; }
   export PI_BUILD_PERSISTENT=1; phase_model pi05_libero pi05 10; local rc=$?; unset PI_BUILD_PERSISTENT; return $rc
 }
-export -f build run one_bucket pi05_checkpoint phase_smoke phase_model phase_batch phase_vision phase_fp8 phase_denoise16 phase_fused16 phase_fusedsweep phase_fp8keep phase_gputests phase_persistent phase_pi05persistent
+phase_prefixattn() {  # the prefix attention kernel: its GPU checks, then against RoPE + SDPA (cuDNN) with a tile sweep;
+                      # the engines of later phases keep SDPA if the kernel lost at pi0.5's batch-1 shape
+  timeout 200 python3 -m pytest -q -x tests/test_kernels.py -k gpu -p no:cacheprovider &&
+  timeout 330 python3 scripts/prefix_attention_bench.py --budget-s 240 ${PREFIX_ATTN_ARGS:-} --out $W || return 1
+  python3 -c "
+import json; r = json.load(open('$W/prefix_attention.json'))['shapes']['batch 1, 544 tokens']
+raise SystemExit(0 if r['triton']['ms'] < r['library (RoPE + SDPA)']['ms'] else 1)" ||
+    { echo "the prefix attention kernel lost: later phases keep SDPA"; export PI_BUILD_PREFIX_ATTENTION=library; }
+}
+export -f build run one_bucket pi05_checkpoint phase_smoke phase_model phase_batch phase_vision phase_fp8 phase_denoise16 phase_fused16 phase_fusedsweep phase_fp8keep phase_gputests phase_persistent phase_pi05persistent phase_prefixattn
 export W
 
 case "${1:-}" in
@@ -93,7 +102,7 @@ case "${1:-}" in
       for p in ${PHASES:-smoke pi05 pi0 batch}; do
         echo "=== phase $p $(date +%T)"
         case $p in
-          smoke) phase_smoke ;; pi05) phase_model pi05_libero pi05 10 ;; pi0) phase_model pi0_libero pi0 50 ;; batch) phase_batch ;; vision) phase_vision ;; fp8) phase_fp8 ;; denoise16) phase_denoise16 ;; fused16) phase_fused16 ;; fusedsweep) phase_fusedsweep ;; fp8keep) phase_fp8keep ;; gputests) phase_gputests ;; persistent) phase_persistent ;; pi05persistent) phase_pi05persistent ;;
+          smoke) phase_smoke ;; pi05) phase_model pi05_libero pi05 10 ;; pi0) phase_model pi0_libero pi0 50 ;; batch) phase_batch ;; vision) phase_vision ;; fp8) phase_fp8 ;; denoise16) phase_denoise16 ;; fused16) phase_fused16 ;; fusedsweep) phase_fusedsweep ;; fp8keep) phase_fp8keep ;; gputests) phase_gputests ;; persistent) phase_persistent ;; pi05persistent) phase_pi05persistent ;; prefixattn) phase_prefixattn ;;
         esac || { echo "=== phase $p FAILED"; break; }
       done; echo "=== done $(date +%T)"' > $W/log 2>&1 < /dev/null &)
     sleep 5; tail -3 $W/log ;;

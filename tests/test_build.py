@@ -73,6 +73,26 @@ def test_fp8_is_within_its_gate_and_really_quantized(workspace):
     assert 1e-4 < m["rel_err"] <= gate.rel_err and m["cosine"] >= gate.cosine
 
 
+def test_gpu_builds_switch_the_prefix_attention_to_the_kernel(workspace, monkeypatch):
+    """Where pi-build's Triton kernels run, the kvcache module computes attention with the kernel and
+    the manifest says so; PI_BUILD_PREFIX_ATTENTION=library keeps SDPA (A/B runs)."""
+    from pi_build.build.reference import load_reference
+    from pi_build.build.stages import component_module
+    from pi_build.engine import kernels
+
+    recipe = load_recipe(workspace["recipe"], {"kvcache.precision": "bf16", "kvcache.backend": "inductor"})
+    reference = load_reference(recipe)
+    shapes = reference.shapes(recipe)
+    module, switched = component_module(reference, recipe, "kvcache", None, shapes)
+    assert switched is None and not module.triton_attention  # a CPU build: no Triton kernels
+    monkeypatch.setattr(kernels, "triton_available", lambda device: True)
+    module, switched = component_module(reference, recipe, "kvcache", None, shapes)
+    assert switched == {"attention": "triton"} and module.triton_attention
+    monkeypatch.setenv("PI_BUILD_PREFIX_ATTENTION", "library")
+    module, switched = component_module(reference, recipe, "kvcache", None, shapes)
+    assert switched is None and not module.triton_attention
+
+
 def test_pipeline_matches_reference_actions(workspace):
     model, _ = load_checkpoint(workspace["ckpt"])
     model.cfg = model.cfg.replace(action_horizon=10)

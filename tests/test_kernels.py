@@ -19,7 +19,7 @@ import torch
 
 from pi_build.engine import kernels
 from pi_build.engine import build_component
-from pi_build.engine.layers import Shapes
+from pi_build.engine.layers import Shapes, rope_tables
 from pi_build.model.pi0 import build_model, get_config
 
 pytest.importorskip("triton")
@@ -52,6 +52,33 @@ def attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     logits = torch.einsum("bthd,bsd->bths", q.double(), keys) / math.sqrt(d)
     logits = logits.masked_fill(~mask[:, :, None, :], float("-inf"))
     return torch.einsum("bths,bsd->bthd", logits.softmax(-1), values).reshape(b, t, hq * d)
+
+
+def prefix_attention_case(b: int, t: int, hq: int, d: int, seed: int, device: str = "cpu"):
+    """Random inputs shaped like the prefix pass's: q a strided view of a wider q/k/v tensor (as the
+    GEMM writes it), RoPE tables of real positions, one KV head, and a key mask with a masked
+    camera's block of keys in one batch row and prompt padding at the end of every row."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(b, t, (hq + 2) * d, generator=g).bfloat16()
+    q = qkv[..., : hq * d].unflatten(-1, (hq, d))
+    key_mask = torch.ones(b, t, dtype=torch.bool)
+    key_mask[0, t // 4: t // 2] = False
+    padding = torch.randint(1, t // 4 + 1, (b, 1), generator=g)  # prompt padding: the last 1 to t/4 keys
+    key_mask[torch.arange(t) >= t - padding] = False
+    cos, sin = rope_tables(torch.cumsum(key_mask.long(), 1) - 1, d, torch.bfloat16)
+    k, v = torch.randn(b, t, d, generator=g).bfloat16(), torch.randn(b, t, d, generator=g).bfloat16()
+    return tuple(x.to(device) for x in (q, k, v, cos[:, 0], sin[:, 0], key_mask))
+
+
+def prefix_attention_reference(q, k, v, cos, sin, key_mask) -> torch.Tensor:
+    """The model's RoPE and attention in float64, the tests' truth: [B, T, HQ*D]."""
+    b, t, hq, d = q.shape
+    half = d // 2
+    x, c, s = q.double().transpose(1, 2), cos.double()[:, None], sin.double()[:, None]
+    roped = x * c + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * s
+    logits = roped @ k.double()[:, None].transpose(-1, -2) / math.sqrt(d)
+    probs = logits.masked_fill(~key_mask[:, None, None, :], float("-inf")).softmax(-1)
+    return (probs @ v.double()[:, None]).transpose(1, 2).reshape(b, t, hq * d)
 
 
 def skinny_case(m: int, n: int, k: int, seed: int, device: str = "cpu"):
@@ -88,6 +115,10 @@ def test_cpu_ops_match_float64():
     out = kernels.few_query_attention(*case)
     assert out.shape == (1, 10, 4 * 64) and out.dtype == torch.bfloat16
     assert rel_err(out, attention_reference(*case)) < 1e-2
+    case = prefix_attention_case(2, 40, 4, 64, seed=2)
+    out = kernels.prefix_attention(*case)
+    assert out.shape == (2, 40, 4 * 64) and out.dtype == torch.bfloat16
+    assert rel_err(out, prefix_attention_reference(*case)) < 1e-2
 
 
 def test_ops_refuse_what_they_cannot_compute():
@@ -98,6 +129,9 @@ def test_ops_refuse_what_they_cannot_compute():
         kernels.skinny_mm_partials(x, w.t().contiguous().t())
     with pytest.raises(TypeError, match="bf16 nn.Linear"):
         kernels.SkinnyLinear(torch.nn.Linear(64, 64))  # float32
+    q, k, v, cos, sin, key_mask = prefix_attention_case(1, 8, 2, 48, seed=0)
+    with pytest.raises(ValueError, match="power of two"):
+        kernels.prefix_attention(q, k, v, cos, sin, key_mask)
 
 
 def test_a_gpu_engine_without_triton_says_what_is_missing(monkeypatch):
@@ -121,6 +155,30 @@ def tiny_denoise(config: str, triton_kernels: bool):
     module = build_component(model, "denoise", Shapes(cameras=2, prompt_len=16, horizon=cfg.action_horizon, steps=3), "bf16")
     switched = module.use_triton_kernels() if triton_kernels else None
     return module, switched
+
+
+def tiny_kvcache(config: str, triton_attention: bool):
+    model = build_model(get_config(config), dtype=torch.float32, device="cpu", seed=0)
+    module = build_component(model, "kvcache", Shapes(cameras=2, prompt_len=16), "bf16")
+    if triton_attention:
+        assert module.use_triton_attention() == {"attention": "triton"}
+    return module
+
+
+def test_float32_kvcache_keeps_library_attention():
+    model = build_model(get_config("pi05_tiny"), dtype=torch.float32, device="cpu", seed=0)
+    module = build_component(model, "kvcache", Shapes(cameras=2, prompt_len=16), "fp32")
+    assert module.use_triton_attention() == {"attention": "library"} and not module.triton_attention
+
+
+def test_kvcache_with_the_kernel_matches_sdpa():
+    plain, fast = tiny_kvcache("pi05_tiny", False), tiny_kvcache("pi05_tiny", True)
+    inputs = plain.example_inputs(torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        got, want = fast(*inputs), plain(*inputs)
+    for a, b in zip(got[:2], want[:2]):  # K and V of every layer (the torch fallback of the op on the CPU)
+        assert rel_err(a, b) < 2e-2
+    assert torch.equal(got[2], want[2])
 
 
 @pytest.mark.parametrize("config", ["pi05_tiny", "pi0_tiny"])
@@ -167,7 +225,8 @@ def test_engine_with_kernels_is_not_an_aoti_package(tmp_path, monkeypatch):
 CHECKS = textwrap.dedent("""
     import json, sys, torch
     sys.path.insert(0, {tests!r})
-    from test_kernels import attention_case, attention_reference, skinny_case, rel_err, tiny_denoise
+    from test_kernels import (attention_case, attention_reference, prefix_attention_case, prefix_attention_reference,
+                              skinny_case, rel_err, tiny_denoise, tiny_kvcache)
     from pi_build.engine import kernels
     device = {device!r}
     out = {{}}
@@ -179,6 +238,10 @@ CHECKS = textwrap.dedent("""
         case = attention_case(t, s, hq, d, seed=t, device=device, b=b)
         got = kernels.few_query_attention(*case)
         out[f"attention {{b}}x{{t}}x{{s}}x{{hq}}x{{d}}"] = [list(got.shape), rel_err(got, attention_reference(*case))]
+    for b, t, hq, d in [(1, 70, 8, 64), (2, 40, 4, 32), (1, 9, 2, 256)]:
+        case = prefix_attention_case(b, t, hq, d, seed=t, device=device)
+        got = kernels.prefix_attention(*case)
+        out[f"prefix {{b}}x{{t}}x{{hq}}x{{d}}"] = [list(got.shape), rel_err(got, prefix_attention_reference(*case))]
     if device == "cpu":  # the whole denoise step with the kernels against the library path
         for config in ("pi05_tiny", "pi0_tiny"):
             plain, _ = tiny_denoise(config, False)
@@ -187,12 +250,17 @@ CHECKS = textwrap.dedent("""
             inputs = tuple(t.bfloat16() if t.is_floating_point() and t.dim() == 5 else t for t in inputs)
             with torch.no_grad():
                 out[f"denoise {{config}}"] = [[], rel_err(fast(*inputs), plain(*inputs))]
+            plain, fast = tiny_kvcache(config, False), tiny_kvcache(config, True)
+            inputs = plain.example_inputs(torch.Generator().manual_seed(4))
+            with torch.no_grad():
+                out[f"kvcache {{config}}"] = [[], max(rel_err(a, b) for a, b in zip(fast(*inputs)[:2], plain(*inputs)[:2]))]
     print(json.dumps(out))
 """)
 
 
 def run_checks(device: str) -> dict:
-    env = {**os.environ, "PYTHONPATH": SRC, "TRITON_INTERPRET": "1" if device == "cpu" else "0"}
+    pythonpath = os.pathsep.join(p for p in (SRC, os.environ.get("PYTHONPATH")) if p)  # keep the caller's (carried wheels)
+    env = {**os.environ, "PYTHONPATH": pythonpath, "TRITON_INTERPRET": "1" if device == "cpu" else "0"}
     code = CHECKS.format(tests=str(Path(__file__).parent), device=device)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -205,6 +273,10 @@ def check_results(results: dict) -> None:
             m, n, k = (int(v) for v in name.split()[1].split("x"))
             assert shape == [kernels.skinny_split(m, n, k), m, n], name
             assert err < 1e-5, (name, err)  # float32 sums of exact bf16 products
+        elif name.startswith("prefix"):
+            b, t, hq, d = (int(v) for v in name.split()[1].split("x"))
+            assert shape == [b, t, hq * d], name
+            assert err < 1e-2, (name, err)  # RoPE'd q and the probabilities in bf16, output rounded to bf16
         elif name.startswith("attention"):
             b, t, s, hq, d = (int(v) for v in name.split()[1].split("x"))
             assert shape == [b, t, hq * d], name
@@ -216,12 +288,12 @@ def check_results(results: dict) -> None:
 @pytest.mark.slow
 def test_triton_kernels_in_the_interpreter():
     results = run_checks("cpu")
-    assert len(results) == 10
+    assert len(results) == 15
     check_results(results)
 
 
 @cuda
 def test_triton_kernels_on_the_gpu():
     results = run_checks("cuda")
-    assert len(results) == 8
+    assert len(results) == 11
     check_results(results)

@@ -1,4 +1,5 @@
-"""Triton kernels for the denoise step, where 10-51 tokens make every GEMM and attention skinny.
+"""Triton kernels where the library falls short: the denoise step, where 10-51 tokens make every
+GEMM and attention skinny, and the prefix pass's attention.
 
 Why: one denoise step reads the action expert's weights (0.6 GB in bf16) to multiply them with
 10-51 token rows. The library GEMMs (cuBLAS) reach about half of the copy bandwidth at that shape,
@@ -13,6 +14,10 @@ Two small kernels, each split so that a few hundred programs share the work:
   over the cached prefix keys followed by the step's own keys, without concatenating them.
   Programs split the keys (flash-decoding): each writes an unnormalised partial output with its
   row max and row sum; a second kernel merges the splits into the bf16 output.
+- ``prefix_attention``: the prefix pass's attention (flash attention over the keys its mask
+  keeps, the query heads folded into rows that share the one KV head, RoPE applied to the
+  queries as they load). cuDNN's kernel under SDPA's key mask took 39 us a layer on an H200 at
+  pi0.5's 544 tokens, about 13x its FLOP time (docs/PERFORMANCE.md).
 
 Both run as ``torch.library`` custom ops so that torch.export keeps them as single graph nodes,
 torch.compile calls them and a CUDA graph captures their launches. On the CPU the ops compute
@@ -153,6 +158,56 @@ if triton is not None:
         tl.store(sum_ptr + row, row_sum, mask=row_ok)
 
     @triton.jit
+    def _prefix_attn(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, mask_ptr, out_ptr, S, R, qk_scale,
+                     sq_b, sq_t, sq_h, sk_b, sk_s, sv_b, sv_s, sc_b, sc_t, ss_b, ss_t, sm_b,
+                     HQ: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     INTERPRET: tl.constexpr):
+        pid = tl.program_id(0)
+        b = tl.program_id(1)
+        r = pid * BLOCK_M + tl.arange(0, BLOCK_M)  # folded query row = token * HQ + head
+        t = r // HQ
+        h = r % HQ
+        row_ok = (r < R)[:, None]
+        # RoPE (rotate-half) on the query rows as they load: x * cos + (-x_hi, x_lo) * sin, the
+        # rotated half read a second time from swapped addresses. float32, rounded once to q's
+        # dtype, as Inductor computes the reference's bf16 apply_rope.
+        d = tl.arange(0, D)
+        swapped = (d + D // 2) % D
+        sign = tl.where(d < D // 2, -1.0, 1.0)
+        q_rows = q_ptr + b * sq_b + t[:, None] * sq_t + h[:, None] * sq_h
+        x = tl.load(q_rows + d[None, :], mask=row_ok, other=0.0).to(tl.float32)
+        x_rot = tl.load(q_rows + swapped[None, :], mask=row_ok, other=0.0).to(tl.float32) * sign[None, :]
+        cos = tl.load(cos_ptr + b * sc_b + t[:, None] * sc_t + d[None, :], mask=row_ok, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + b * ss_b + t[:, None] * ss_t + d[None, :], mask=row_ok, other=0.0).to(tl.float32)
+        q = (x * cos + x_rot * sin).to(q_ptr.dtype.element_ty)
+        row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        row_sum = tl.zeros((BLOCK_M,), tl.float32)
+        acc = tl.zeros((BLOCK_M, D), tl.float32)
+        for start in range(0, S, BLOCK_N):  # online softmax over key blocks (flash attention)
+            j = start + tl.arange(0, BLOCK_N)
+            in_range = j < S
+            keep = tl.load(mask_ptr + b * sm_b + j, mask=in_range, other=0) != 0
+            k = tl.load(k_ptr + b * sk_b + j[:, None] * sk_s + d[None, :], mask=in_range[:, None], other=0.0)
+            v = tl.load(v_ptr + b * sv_b + j[:, None] * sv_s + d[None, :], mask=in_range[:, None], other=0.0)
+            if INTERPRET:  # the interpreter's bf16 dot is broken; bf16 values are exact in float32
+                s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            s = tl.where(keep[None, :], s * qk_scale, float("-inf"))  # qk_scale includes log2(e): exp2 below
+            new_max = tl.maximum(row_max, tl.max(s, axis=1))
+            base = tl.where(new_max == float("-inf"), 0.0, new_max)  # no key yet: nothing to rescale
+            p = tl.math.exp2(s - base[:, None])
+            rescale = tl.math.exp2(row_max - base)
+            row_sum = row_sum * rescale + tl.sum(p, axis=1)
+            if INTERPRET:
+                acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
+            else:
+                acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)  # probabilities meet V in bf16, as flash kernels do
+            row_max = new_max
+        out = acc / tl.where(row_sum == 0.0, 1.0, row_sum)[:, None]  # a batch row with no valid key: zeros
+        tl.store(out_ptr + (b * R + r[:, None]) * D + d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok)
+
+    @triton.jit
     def _combine_splits(acc_ptr, max_ptr, sum_ptr, out_ptr, ROWS, SPLITS,
                         D: tl.constexpr, BLOCK_SPLITS: tl.constexpr):
         row = tl.program_id(0)  # one of B * T * HQ output rows
@@ -210,6 +265,33 @@ def _launch_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_new: Tensor
     out = torch.empty(b, t, hq * d, dtype=q.dtype, device=q.device)
     _combine_splits[(b * rows,)](acc, row_max, row_sum, out, b * rows, splits, D=d,
                                  BLOCK_SPLITS=triton.next_power_of_2(splits), **({} if INTERPRET else {"num_warps": 4}))
+    return out
+
+
+def prefix_attention_tiles(batch: int) -> tuple[int, int, int, int]:
+    """(folded query rows, keys per loop step, warps, pipeline stages) of ``prefix_attention``.
+
+    From scripts/prefix_attention_bench.py's sweep on an H200 (docs/bench/prefix_attention*.json;
+    8 heads of 256, 544 tokens): 64 x 32 at 4 warps was the best of 30 tilings at batch 1 with 3
+    stages (21.9-23.7 us against cuDNN's 44), and at batch 16 with 2 (166 us, 3 stages 230).
+    """
+    return (64, 32, 4, 3) if batch == 1 else (64, 32, 4, 2)
+
+
+def _launch_prefix_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor,
+                             tiles: tuple[int, int, int, int] | None = None) -> Tensor:
+    b, t, hq, d = q.shape
+    rows = t * hq
+    block_m, block_n, warps, stages = tiles or prefix_attention_tiles(b)
+    out = torch.empty(b, t, hq * d, dtype=q.dtype, device=q.device)
+    mask_u8 = key_mask.view(torch.uint8)
+    _prefix_attn[(-(-rows // block_m), b)](
+        q, k, v, cos, sin, mask_u8, out, k.shape[1], rows, d**-0.5 * 1.4426950408889634,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1), mask_u8.stride(0),
+        HQ=hq, D=d, BLOCK_M=block_m, BLOCK_N=block_n, INTERPRET=INTERPRET,
+        **({} if INTERPRET else {"num_warps": warps, "num_stages": stages}),
+    )
     return out
 
 
@@ -272,6 +354,38 @@ def few_query_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_new: Tens
 
 @few_query_attention.register_fake
 def _(q, k_cache, v_cache, k_new, v_new, mask):
+    b, t, hq, d = q.shape
+    return q.new_empty(b, t, hq * d)
+
+
+@torch.library.custom_op("pi_build::prefix_attention", mutates_args=())
+def prefix_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor) -> Tensor:
+    """The prefix pass's attention: every query attends to the same keys, those where key_mask is True.
+
+    q [B, T, HQ, D] before RoPE (any strides, e.g. a view of the q/k/v GEMM's output): RoPE with
+    cos/sin [B, T, D] is applied as it loads. k (roped) and v [B, S, D]: the one KV head. key_mask
+    bool [B, S]. Returns [B, T, HQ * D] in q's dtype; logits and the softmax in float32, the
+    probabilities meet V in V's dtype.
+    """
+    _check_last_dim_contiguous("prefix_attention", q, k, v, cos, sin, key_mask)
+    d = q.shape[-1]
+    if d < 16 or d & (d - 1):
+        raise ValueError(f"prefix_attention: the head dimension must be a power of two >= 16 (a tensor-core tile), got {d}")
+    if _use_triton("prefix_attention", q.device):
+        return _launch_prefix_attention(q, k, v, cos, sin, key_mask)
+    b, t, hq, d = q.shape
+    half = d // 2
+    x = q.float()
+    c, s = cos.float()[:, :, None], sin.float()[:, :, None]
+    roped = torch.cat([x[..., :half] * c[..., :half] - x[..., half:] * s[..., :half],
+                       x[..., half:] * c[..., half:] + x[..., :half] * s[..., half:]], dim=-1).to(q.dtype)
+    logits = torch.einsum("bthd,bsd->bths", roped.float(), k.float()) * d**-0.5
+    probs = logits.masked_fill(~key_mask[:, None, None, :], float("-inf")).softmax(-1).nan_to_num(0.0)
+    return torch.einsum("bths,bsd->bthd", probs.to(v.dtype).float(), v.float()).reshape(b, t, hq * d).to(q.dtype)
+
+
+@prefix_attention.register_fake
+def _(q, k, v, cos, sin, key_mask):
     b, t, hq, d = q.shape
     return q.new_empty(b, t, hq * d)
 

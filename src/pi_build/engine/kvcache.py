@@ -4,8 +4,9 @@ layer's K (RoPE applied) and V for the denoise steps.
     image_tokens [B, C*256, W], image_masks [B, C], tokens [B, L], token_masks [B, L]
         ->  k, v [layers, B, 1, S, 256], prefix_mask [B, S]      (S = C*256 + L)
 
-Compared with the reference (``PiModel.kvcache``): fused q/k/v and gate/up GEMMs, the one KV
-head broadcast to the query heads as views with a key mask (SDPA), and the last layer computing
+Compared with the reference (``PiModel.kvcache``): fused q/k/v and gate/up GEMMs, attention over
+the one KV head under a key mask (SDPA with the head broadcast to the query heads as views; in GPU
+builds pi-build's Triton kernel, ``kernels.prefix_attention``), and the last layer computing
 only its K/V (its outputs are never read).
 """
 
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pi_build.engine import kernels
 from pi_build.engine.layers import GemmaBlock, Shapes, apply_rope, compute_dtype, device_type, mqa_attention, norm_scale, rms_normalize, rope_tables
 from pi_build.model.pi0 import PiModel
 from pi_build.spec import Precision
@@ -40,6 +42,14 @@ class KVCacheComponent(nn.Module):
         self.layers = nn.ModuleList(GemmaBlock(layer, self.dtype, kv_only=i == last) for i, layer in enumerate(llm.layers))
         self.register_buffer("norm1", torch.stack([norm_scale(l.input_layernorm) for l in llm.layers]))
         self.register_buffer("norm2", torch.stack([norm_scale(l.post_attention_layernorm) for l in llm.layers]))
+        self.triton_attention = False  # set by use_triton_attention
+
+    def use_triton_attention(self) -> dict:
+        """Run attention as pi-build's Triton kernel (``kernels.prefix_attention``, RoPE of the queries
+        inside), for CUDA builds. It reads one KV head, in bf16 (in float32 its tensor-core products
+        would round to tf32: a float32 engine keeps SDPA). Returns what was switched, for the manifest."""
+        self.triton_attention = self.cfg.llm.num_kv_heads == 1 and self.dtype == torch.bfloat16
+        return {"attention": "triton" if self.triton_attention else "library"}
 
     def example_inputs(self, generator: torch.Generator) -> tuple[Tensor, ...]:
         s, cfg = self.spec, self.cfg
@@ -69,7 +79,11 @@ class KVCacheComponent(nn.Module):
             values.append(v)
             if i == last:  # the last layer's outputs are never read: only its K/V matter
                 break
-            x = x + block.o(mqa_attention(apply_rope(q, cos, sin), k, v, valid))
+            if self.triton_attention:
+                attn = kernels.prefix_attention(q.transpose(1, 2), k[:, 0], v[:, 0], cos[:, 0], sin[:, 0], valid)
+            else:
+                attn = mqa_attention(apply_rope(q, cos, sin), k, v, valid)
+            x = x + block.o(attn)
             h = (rms_normalize(x) * self.norm2[i]).to(self.dtype)
             x = x + block.mlp(h)
         return torch.stack(keys), torch.stack(values), valid
