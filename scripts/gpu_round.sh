@@ -8,7 +8,7 @@
 #
 # The work runs detached (setsid) so that it outlives one `run` call: call `poll` again within 30 s
 # and the machine stays warm. Carried wheels (.whl: ModelOpt, pydantic, websockets) are installed first.
-# PHASES (default "smoke pi05 pi0 batch"; also "vision", "fp8", "denoise16", "fused16", "fusedsweep", "fp8keep", "gputests", "persistent", "pi05persistent", "prefixattn") picks phases. Checkpoints land where the recipes look for
+# PHASES (default "smoke pi05 pi0 batch"; also "vision", "fp8", "denoise16", "fused16", "fusedsweep", "fp8keep", "gputests", "persistent", "pi05persistent", "prefixattn", "pi05profile") picks phases. Checkpoints land where the recipes look for
 # them (checkpoints/<name>, relative to the copied code), engines under /tmp/pib/engines.
 set -uo pipefail
 W=/tmp/pib
@@ -89,7 +89,12 @@ import json; r = json.load(open('$W/prefix_attention.json'))['shapes']['batch 1,
 raise SystemExit(0 if r['triton']['ms'] < r['library (RoPE + SDPA)']['ms'] else 1)" ||
     { echo "the prefix attention kernel lost: later phases keep SDPA"; export PI_BUILD_PREFIX_ATTENTION=library; }
 }
-export -f build run one_bucket pi05_checkpoint phase_smoke phase_model phase_batch phase_vision phase_fp8 phase_denoise16 phase_fused16 phase_fusedsweep phase_fp8keep phase_gputests phase_persistent phase_pi05persistent phase_prefixattn
+phase_pi05profile() {  # pi0.5 on its 32-token bucket alone, 10 steps: pi-run bench --profile (where each component's time goes)
+  one_bucket > recipes/pi05_b1.toml
+  pi05_checkpoint && build all --recipe recipes/pi05_b1.toml --skip export &&
+  run bench --recipe recipes/pi05_b1.toml --steps 10 --iters 30 --warmup 5 --no-reference --profile --json $W/bench_pi05_profile.json
+}
+export -f build run one_bucket pi05_checkpoint phase_smoke phase_model phase_batch phase_vision phase_fp8 phase_denoise16 phase_fused16 phase_fusedsweep phase_fp8keep phase_gputests phase_persistent phase_pi05persistent phase_prefixattn phase_pi05profile
 export W
 
 case "${1:-}" in
@@ -102,7 +107,7 @@ case "${1:-}" in
       for p in ${PHASES:-smoke pi05 pi0 batch}; do
         echo "=== phase $p $(date +%T)"
         case $p in
-          smoke) phase_smoke ;; pi05) phase_model pi05_libero pi05 10 ;; pi0) phase_model pi0_libero pi0 50 ;; batch) phase_batch ;; vision) phase_vision ;; fp8) phase_fp8 ;; denoise16) phase_denoise16 ;; fused16) phase_fused16 ;; fusedsweep) phase_fusedsweep ;; fp8keep) phase_fp8keep ;; gputests) phase_gputests ;; persistent) phase_persistent ;; pi05persistent) phase_pi05persistent ;; prefixattn) phase_prefixattn ;;
+          smoke) phase_smoke ;; pi05) phase_model pi05_libero pi05 10 ;; pi0) phase_model pi0_libero pi0 50 ;; batch) phase_batch ;; vision) phase_vision ;; fp8) phase_fp8 ;; denoise16) phase_denoise16 ;; fused16) phase_fused16 ;; fusedsweep) phase_fusedsweep ;; fp8keep) phase_fp8keep ;; gputests) phase_gputests ;; persistent) phase_persistent ;; pi05persistent) phase_pi05persistent ;; prefixattn) phase_prefixattn ;; pi05profile) phase_pi05profile ;;
         esac || { echo "=== phase $p FAILED"; break; }
       done; echo "=== done $(date +%T)"' > $W/log 2>&1 < /dev/null &)
     sleep 5; tail -3 $W/log ;;

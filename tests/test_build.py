@@ -288,8 +288,40 @@ def test_bench_cpu_table_and_json(workspace, tmp_path):
     speedup = reference["end_to_end"]["p50"] / engines["end_to_end"]["p50"]
     assert f"{speedup:.1f}x" in result.output
     assert png.stat().st_size > 1000
+    assert "profile" not in entry and "where the time goes" not in result.output
     missing = invoke(run_app, ["bench", "--recipe", workspace["recipe"], "--engines", workspace["engines"], "--steps", "7"])
     assert missing.exit_code == 1 and "7 steps" in missing.output and "Traceback" not in missing.output
+
+
+def test_bench_profile_says_where_the_time_goes(workspace, tmp_path):
+    out = tmp_path / "bench.json"
+    result = invoke(run_app, ["bench", "--recipe", workspace["recipe"], "--engines", workspace["engines"],
+                              "--iters", "2", "--warmup", "0", "--no-reference", "--profile", "--json", out])
+    assert result.exit_code == 0, result.output
+    (entry,) = json.loads(out.read_text())["runs"]
+    profile = entry["profile"]
+    assert list(profile) == ["vision", "kvcache", "denoise"]
+    for component, p in profile.items():
+        assert p["kernel_ms"] > 0 and p["kernels"] > 0, component
+        assert sum(ms for ms, _ in p["kinds"].values()) == pytest.approx(p["kernel_ms"], rel=1e-3)
+        assert sum(n for _, n in p["kinds"].values()) == p["kernels"]
+        assert p["top"] == sorted(p["top"], key=lambda row: -row[0])
+    # the tiny model's linears are library GEMMs on the CPU: the vision tower has some in every call
+    assert profile["vision"]["kinds"]["library GEMMs"][1] > 0
+    assert "where the time goes" in result.output and "library GEMMs" in result.output
+
+
+def test_kernel_kinds_name_what_a_kernel_does():
+    from pi_build.runtime.timing import kernel_kind
+
+    assert kernel_kind("nvjet_sm90_tst_128x256_64x4_2x1_v_bz_coopA_NNT") == "library GEMMs"
+    assert kernel_kind("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16") == "attention"
+    assert kernel_kind("_prefix_attn") == "attention"
+    assert kernel_kind("_norm_gemm_kernel") == "pi-build Triton GEMMs"
+    assert kernel_kind("triton_red_fused__scaled_mm__to_copy_add_clamp_div_mean") == "fused elementwise and norms (Inductor)"
+    assert kernel_kind("triton_poi_fused__scaled_dot_product_cudnn_attention_add_cat_expand_mul") == "fused elementwise and norms (Inductor)"
+    assert kernel_kind("Memset (Device)") == "memory (copies, memsets)"
+    assert kernel_kind("void at::native::vectorized_elementwise_kernel") == "other"
 
 
 def test_export_stage_lands_verified_onnx(workspace, tmp_path):

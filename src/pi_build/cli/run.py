@@ -95,6 +95,7 @@ def bench(
     png: Annotated[Optional[Path], typer.Option("--png", help="write a stacked-bar chart")] = None,
     graphs: Annotated[bool, typer.Option("--graphs/--no-graphs", help="capture CUDA graphs (GPU)")] = True,
     reference: Annotated[bool, typer.Option("--reference/--no-reference", help="time the eager reference too (needs the checkpoint)")] = True,
+    profile: Annotated[bool, typer.Option("--profile", help="list each component's kernels (CPU: operators) by kind: where the time goes")] = False,
 ) -> None:
     """Per-component latency of the engines at each step count, next to the eager reference and the roofline."""
     from pi_build import artifacts
@@ -106,7 +107,7 @@ def bench(
     loaded = _recipe(recipe, None, artifacts.engines_dir(engines), None, "auto", set_)
     results = bench_mod.run_bench(loaded, artifacts.engines_dir(engines), step_counts, iters=iters, warmup=warmup,
                                   graphs=graphs, reference=reference, batch_sizes=batch_sizes, prompt_tokens=prompt_len,
-                                  log=console.print)
+                                  profile=profile, log=console.print)
     bench_mod.print_tables(results, console)
     if json_out:
         console.print(f"figures: {write_json(json_out, results)}")

@@ -108,10 +108,10 @@ def _load_reference(recipe: Recipe, device: torch.device, horizon: int) -> PiMod
 
 def run_bench(recipe: Recipe, engines: Path, step_counts: list[int] | None, *, iters: int, warmup: int,
               graphs: bool, reference: bool, batch_sizes: list[int] | None = None, prompt_tokens: int | None = None,
-              log: Callable[[str], None] = print) -> dict[str, Any]:
+              profile: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Every figure of a bench run: per step count and batch size, the engines' latency stats (and
     throughput), the reference's and the floors, at one prompt length (default: a LIBERO instruction's)
-    run on the smallest prompt bucket that holds it."""
+    run on the smallest prompt bucket that holds it; with ``profile``, each component's kernels too."""
     device = resolve_device(recipe.model.device)
     step_counts = step_counts or built_step_counts(engines, recipe)
     if not step_counts:
@@ -147,6 +147,8 @@ def run_bench(recipe: Recipe, engines: Path, step_counts: list[int] | None, *, i
                 ref = timing.measure(_reference_stages(ref_model, inputs, noise, steps), device, iters=max(5, iters // 5), warmup=3)
                 entry["reference"] = _with_per_step(ref, steps)
             entry["roofline_ms"] = _floors(pipeline, steps, ceilings) if ceilings else None
+            if profile:
+                entry["profile"] = pipeline.profile(prompt_tokens=prompt_tokens)
             results["runs"].append(entry)
     return results
 
@@ -195,6 +197,30 @@ def print_tables(results: dict[str, Any], console) -> None:
         console.print(table)
         console.print(f"throughput: {entry['throughput_per_s']:.1f} action chunks/s "
                       f"(per request p50 {entry['engines']['end_to_end']['p50']:.3f} ms, p99 {entry['engines']['end_to_end']['p99']:.3f} ms)")
+        if "profile" in entry:
+            console.print(profile_table(entry["profile"], entry["engines"], results["device"].get("type") == "cpu"))
+
+
+def profile_table(profile: dict[str, dict], latency: dict[str, dict], cpu: bool):
+    """Where each component's time goes: its p50 split into kinds of kernel (``timing.kernel_kind``,
+    with the top kernel of each) and the rest, the time between kernels (launches, ramps, bubbles;
+    on a CPU also the compiled code that the profiler does not see as operators)."""
+    from rich.table import Table
+
+    unit = "operators" if cpu else "kernels"
+    table = Table(title=f"where the time goes: each component's p50 above, split into the {unit} of one call "
+                        f"without graphs (torch.profiler) and the rest")
+    for col in ("component", "kind", "ms", unit, "share of p50", f"top {unit[:-1]} of the kind"):
+        table.add_column(col, justify="left" if col in ("component", "kind", f"top {unit[:-1]} of the kind") else "right")
+    for component, p in profile.items():
+        p50 = latency[component]["p50"]
+        for kind, (ms, count) in p["kinds"].items():
+            top = next((name for _, _, name in p["top"] if timing.kernel_kind(name) == kind), "")
+            table.add_row(component, kind, f"{ms:.3f}", str(count), f"{ms / p50:.0%}", top[:70])
+        rest = "outside the listed operators (compiled code, dispatch)" if cpu else "between kernels (launches, ramps, gaps)"
+        table.add_row(component, rest, f"{p50 - p['kernel_ms']:.3f}", "", f"{(p50 - p['kernel_ms']) / p50:.0%}", "")
+        table.add_row(component, "[b]p50[/b]", f"[b]{p50:.3f}[/b]", str(p["kernels"]), "100%", "", end_section=True)
+    return table
 
 
 def plot(results: dict[str, Any], path: Path) -> None:

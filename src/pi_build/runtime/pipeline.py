@@ -203,10 +203,10 @@ class Pipeline:
 
     # -------------------------------------------------------------- timing
 
-    def stages(self, inputs: tuple[Tensor, ...]) -> tuple[list[timing.Stage], Callable[[], object] | None]:
-        """The three components as timed stages (graph replays once captured), and the whole-pipeline
-        graph when there is one."""
-        if self.graphs:
+    def stages(self, inputs: tuple[Tensor, ...], graphs: bool = True) -> tuple[list[timing.Stage], Callable[[], object] | None]:
+        """The three components as timed stages (graph replays once captured, unless ``graphs`` is
+        False), and the whole-pipeline graph when one is replayed."""
+        if self.graphs and graphs:
             for name, t in zip(INPUT_NAMES, inputs):
                 self._static[name].copy_(t)
             return [(c, self.graphs[c].replay) for c in ("vision", "kvcache", "denoise")], self.graphs["all"].replay
@@ -228,6 +228,15 @@ class Pipeline:
         """Latency stats (ms) of each component and end to end, on fresh random inputs of the engines' shapes."""
         stages, end_to_end = self.stages(self.example_inputs(seed, prompt_tokens))
         return timing.measure(stages, self.device, iters=iters, warmup=warmup, end_to_end=end_to_end)
+
+    def profile(self, seed: int = 0, prompt_tokens: int | None = None, top: int = 12) -> dict[str, dict]:
+        """Where each component's time goes: its kernels (GPU) or operators (CPU) in one call without
+        graphs, after one warm-up call (``timing.kernel_profile``)."""
+        stages, _ = self.stages(self.example_inputs(seed, prompt_tokens), graphs=False)
+        with torch.no_grad():
+            for _, run in stages:  # warm-up: lazy initialization stays out of the lists
+                run()
+            return {name: timing.kernel_profile(run, top=top, device=self.device) for name, run in stages}
 
 
 def _flat(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -88,17 +88,51 @@ def graph_replay_ms(fn: Callable[[], object], *, iters: int = 50, rounds: int = 
     return per_round
 
 
-def kernel_profile(fn: Callable[[], object], top: int = 20) -> dict:
-    """The CUDA kernels of one call of ``fn`` (no graph, so each launch is seen), from torch.profiler:
-    {"kernels": launches, "kernel_ms": their summed time, "top": [[ms, launches, name], ...] for the
-    ``top`` kernels by time}. What the experiment scripts print to say where a component's time goes."""
-    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+# What a kernel (GPU) or operator (CPU) name says it does, first match wins: the kinds of a
+# component's time in `pi-run bench --profile`.
+KERNEL_KINDS = (  # Inductor's kernels first: their names list every op they fused ("..._attention_add_cat...")
+    ("fused elementwise and norms (Inductor)", ("triton_poi", "triton_red", "triton_per")),
+    ("attention", ("attn", "attention", "sdpa", "flash", "fmha")),
+    ("pi-build Triton GEMMs", ("_norm_gemm", "_residual_gemm", "_skinny_mm", "_persistent_layers")),
+    ("library GEMMs", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "aten::mm", "aten::addmm", "aten::bmm",
+                       "aten::_scaled_mm", "aten::_addmm_activation", "aten::linear", "aten::matmul", "convolution")),
+    ("memory (copies, memsets)", ("memset", "memcpy", "aten::copy_", "aten::cat", "aten::stack", "aten::fill_", "aten::zero_")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    for kind, needles in KERNEL_KINDS:
+        if any(needle in lowered for needle in needles):
+            return kind
+    return "other"
+
+
+def kernel_profile(fn: Callable[[], object], top: int = 20, device: torch.device | None = None) -> dict:
+    """The kernels of one call of ``fn`` (no graph, so each launch is seen), from torch.profiler:
+    {"kernels": launches, "kernel_ms": their summed time, "kinds": {kind: [ms, launches]} (``kernel_kind``),
+    "top": [[ms, launches, name], ...] for the ``top`` kernels by time}. On a CPU device the "kernels"
+    are the operators' self times. What the experiment scripts and `pi-run bench --profile` print to
+    say where a component's time goes."""
+    cpu = device is not None and device.type == "cpu"
+    activity = torch.profiler.ProfilerActivity.CPU if cpu else torch.profiler.ProfilerActivity.CUDA
+    with torch.no_grad(), torch.profiler.profile(activities=[activity]) as prof:
         fn()
-        torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-    ranked = sorted(events, key=lambda e: -e.self_device_time_total)[:top]
-    return {"kernels": sum(e.count for e in events), "kernel_ms": sum(e.self_device_time_total for e in events) / 1e3,
-            "top": [[round(e.self_device_time_total / 1e3, 4), e.count, e.key[:150]] for e in ranked]}
+        if not cpu:
+            torch.cuda.synchronize()
+    wanted = torch.autograd.DeviceType.CPU if cpu else torch.autograd.DeviceType.CUDA
+    events = [e for e in prof.key_averages() if e.device_type == wanted]
+    self_us = (lambda e: e.self_cpu_time_total) if cpu else (lambda e: e.self_device_time_total)
+    events = [e for e in events if self_us(e) > 0]
+    kinds: dict[str, list] = {}
+    for e in events:
+        entry = kinds.setdefault(kernel_kind(e.key), [0.0, 0])
+        entry[0] += self_us(e) / 1e3
+        entry[1] += e.count
+    ranked = sorted(events, key=lambda e: -self_us(e))[:top]
+    return {"kernels": sum(e.count for e in events), "kernel_ms": sum(self_us(e) for e in events) / 1e3,
+            "kinds": {k: [round(ms, 4), n] for k, (ms, n) in sorted(kinds.items(), key=lambda kv: -kv[1][0])},
+            "top": [[round(self_us(e) / 1e3, 4), e.count, e.key[:150]] for e in ranked]}
 
 
 def kernel_profile_text(label: str, profile: dict) -> str:
