@@ -305,10 +305,20 @@ def test_bench_profile_says_where_the_time_goes(workspace, tmp_path):
         assert p["kernel_ms"] > 0 and p["kernels"] > 0, component
         assert sum(ms for ms, _ in p["kinds"].values()) == pytest.approx(p["kernel_ms"], rel=1e-3)
         assert sum(n for _, n in p["kinds"].values()) == p["kernels"]
+        assert p["busy_ms"] == p["kernel_ms"]  # operators' self times on a CPU: no overlap
         assert p["top"] == sorted(p["top"], key=lambda row: -row[0])
     # the tiny model's linears are library GEMMs on the CPU: the vision tower has some in every call
     assert profile["vision"]["kinds"]["library GEMMs"][1] > 0
     assert "where the time goes" in result.output and "library GEMMs" in result.output
+
+
+def test_busy_time_counts_overlapping_kernels_once():
+    from pi_build.runtime.timing import busy_ms
+
+    assert busy_ms([]) == 0.0
+    assert busy_ms([(0, 10), (20, 30)]) == pytest.approx(0.020)  # a gap between them
+    assert busy_ms([(0, 10), (5, 30), (6, 8)]) == pytest.approx(0.030)  # overlaps (PDL) and a nested one
+    assert busy_ms([(5, 30), (0, 10)]) == pytest.approx(0.030)  # in any order
 
 
 def test_kernel_kinds_name_what_a_kernel_does():

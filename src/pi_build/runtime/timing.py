@@ -108,11 +108,23 @@ def kernel_kind(name: str) -> str:
     return "other"
 
 
+def busy_ms(intervals: Sequence[tuple[float, float]]) -> float:
+    """The time covered by at least one of the (start, end) intervals (us), in ms: kernels that run at
+    once (programmatic dependent launch starts a kernel before its predecessor ends) count once."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total / 1e3
+
+
 def kernel_profile(fn: Callable[[], object], top: int = 20, device: torch.device | None = None) -> dict:
     """The kernels of one call of ``fn`` (no graph, so each launch is seen), from torch.profiler:
-    {"kernels": launches, "kernel_ms": their summed time, "kinds": {kind: [ms, launches]} (``kernel_kind``),
-    "top": [[ms, launches, name], ...] for the ``top`` kernels by time}. On a CPU device the "kernels"
-    are the operators' self times. What the experiment scripts and `pi-run bench --profile` print to
+    {"kernels": launches, "kernel_ms": their summed time, "busy_ms": the time at least one ran (less than
+    kernel_ms where kernels overlap), "kinds": {kind: [ms, launches]} (``kernel_kind``), "top": [[ms,
+    launches, name], ...] for the ``top`` kernels by time}. On a CPU device the "kernels" are the
+    operators' self times, which do not overlap. What the experiment scripts and `pi-run bench --profile` print to
     say where a component's time goes."""
     cpu = device is not None and device.type == "cpu"
     activity = torch.profiler.ProfilerActivity.CPU if cpu else torch.profiler.ProfilerActivity.CUDA
@@ -130,7 +142,10 @@ def kernel_profile(fn: Callable[[], object], top: int = 20, device: torch.device
         entry[0] += self_us(e) / 1e3
         entry[1] += e.count
     ranked = sorted(events, key=lambda e: -self_us(e))[:top]
-    return {"kernels": sum(e.count for e in events), "kernel_ms": sum(self_us(e) for e in events) / 1e3,
+    kernel_ms = sum(self_us(e) for e in events) / 1e3
+    launches = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == wanted]
+    return {"kernels": sum(e.count for e in events), "kernel_ms": kernel_ms,
+            "busy_ms": kernel_ms if cpu else busy_ms(launches),
             "kinds": {k: [round(ms, 4), n] for k, (ms, n) in sorted(kinds.items(), key=lambda kv: -kv[1][0])},
             "top": [[round(self_us(e) / 1e3, 4), e.count, e.key[:150]] for e in ranked]}
 
