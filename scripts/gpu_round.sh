@@ -27,7 +27,7 @@ phase_model() {   # $1 recipe name, $2 config, $3 horizon
   build checkpoint --config $2 --horizon $3 --dtype bfloat16 --out checkpoints/$1 &&
   build all --recipe recipes/$1.toml --skip export &&
   build denoise --recipe recipes/$1.toml --steps 1 &&
-  run bench --recipe recipes/$1.toml --steps 1,10 --json $W/bench_$1.json --png $W/bench_$1.png
+  run bench --recipe recipes/$1.toml --steps 1,10 --profile --json $W/bench_$1.json --png $W/bench_$1.png
 }
 
 # The LIBERO prompt runs on the 32-token bucket: the batch and vision recipes build that shape alone.

@@ -124,7 +124,7 @@ class Tiling:
     down: GemmTile
     attn_keys: int = 64  # keys per attention program
     attn_rows: int = 16  # folded (token, head) query rows per attention program
-    gemm_warps: int = 4
+    gemm_warps: int = 8  # 128-row weight tiles: 8 warps (plan_tiling), measured best
     attn_warps: int = 8
     # Attention loads the step's own keys into the cached K/V tile (a masked load whose other value is
     # that tile) instead of a second tile and a select. Offline sm_90 compile at 8 warps: a 232-byte
