@@ -204,8 +204,13 @@ def sweep_candidates(rows: int, fp8: bool, persistent: bool = False) -> list[tup
         return out
     # Attention is ~30% of the 10-row step: fewer programs that each take more of the 80 folded
     # query rows read each K/V tile fewer times (5 times at 16 rows) but hold more registers.
+    # Several key blocks a program (online softmax): fewer splits for the last program to merge (9 at
+    # pi0.5's 554 keys in 64-key blocks), more serial work each.
     return out + [("attention lean K/V", dict(attn_lean_kv=True)), ("attention 32 keys", dict(attn_keys=32)),
-                  ("attention 32 rows", dict(attn_rows=32)), ("attention 64 rows x 32 keys", dict(attn_rows=64, attn_keys=32))]
+                  ("attention 32 rows", dict(attn_rows=32)), ("attention 64 rows x 32 keys", dict(attn_rows=64, attn_keys=32)),
+                  ("attention 2 key blocks a program", dict(attn_blocks=2)), ("attention 3 key blocks a program", dict(attn_blocks=3)),
+                  ("attention 5 key blocks a program", dict(attn_blocks=5)),
+                  ("attention 3 key blocks, lean K/V", dict(attn_blocks=3, attn_lean_kv=True))]
 
 
 @torch.no_grad()
@@ -216,7 +221,7 @@ def sweep(compiled, fused: fd.FusedDenoiseStep, loop_args: tuple, steps: int, bu
         if time.time() - T0 > budget_s:
             log(f"  sweep {label}: skipped (time budget)")
             continue
-        attention = {key: opts.pop(key) for key in ("attn_keys", "attn_rows", "attn_lean_kv", "prefetch_l2") if key in opts}
+        attention = {key: opts.pop(key) for key in ("attn_keys", "attn_rows", "attn_lean_kv", "attn_blocks", "prefetch_l2") if key in opts}
         attention["persistent"] = fused.persistent
         tiling = fd.plan_tiling(rows, fused.dims, **opts)
         fd.TILING_OVERRIDE = fd.Tiling(**{**tiling.__dict__, **attention})

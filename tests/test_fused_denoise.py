@@ -231,6 +231,12 @@ KERNEL_CASES = [
     # own keys loaded into the cached K/V tile (attn_lean_kv): a block with both, blocks of each alone
     ("attention b1 pi0.5 lean K/V", "attention", dict(b=1, t=10, s=150, heads=4, d=32, pi0_flags=False, seed=26), (32, 16, 8, True)),
     ("attention b2 pi0 lean K/V", "attention", dict(b=2, t=11, s=90, heads=2, d=16, pi0_flags=True, seed=27), (16, 16, 8, True)),
+    # several key blocks a program (attn_blocks, online softmax): 160 keys in 32-key blocks, 3 a
+    # program (2 splits, the last block past the keys), all 5 in one program (nothing to merge);
+    # 101 keys in 16-key blocks, 2 a program, with lean K/V
+    ("attention b1 pi0.5 3 key blocks", "attention", dict(b=1, t=10, s=150, heads=4, d=32, pi0_flags=False, seed=28), (32, 16, 8, False, 3)),
+    ("attention b1 pi0.5 one split", "attention", dict(b=1, t=10, s=150, heads=4, d=32, pi0_flags=False, seed=29), (32, 16, 8, False, 5)),
+    ("attention b2 pi0 2 key blocks lean K/V", "attention", dict(b=2, t=11, s=90, heads=2, d=16, pi0_flags=True, seed=30), (16, 16, 8, True, 2)),
 ]
 
 
@@ -249,8 +255,9 @@ def kernel_results(device: str) -> dict:
             out[name] = [max(rel_err(x, truth), rel_err(sumsq, parts)), bool(torch.isfinite(x).all() and torch.isfinite(sumsq).all())]
         else:
             inputs, truth = attention_case(**kwargs)
-            tiling = fd.Tiling(16, *[fd.GemmTile(16, 16)] * 4, attn_keys=a, attn_rows=b, attn_warps=warps[0],
-                               attn_lean_kv=len(warps) > 1 and warps[1])
+            warps, lean, blocks = (*warps, *(8, False, 1)[len(warps):])  # attention warps, lean K/V, key blocks
+            tiling = fd.Tiling(16, *[fd.GemmTile(16, 16)] * 4, attn_keys=a, attn_rows=b, attn_warps=warps,
+                               attn_lean_kv=lean, attn_blocks=blocks)
             got = run_attention(inputs, tiling, device).cpu()
             out[name] = [rel_err(got, truth), bool(torch.isfinite(got).all())]
     return out
@@ -390,6 +397,7 @@ def test_full_size_tiling():
         assert (t.block_m, t.gemm_warps) == (block_m, warps)
         assert all((g.rows, g.k_slice) == (tile_rows, 256) for g in (t.qkv, t.o, t.gate_up, t.down))
     assert fd.attention_grid(1, 10, 8, 722, t) == (12, 5, 1)
+    assert fd.attention_grid(1, 10, 8, 554, fd.Tiling(**{**t.__dict__, "attn_blocks": 3})) == (3, 5, 1)  # 9 blocks of 64 keys
 
 
 def test_fp8_rows_keep_their_scale():

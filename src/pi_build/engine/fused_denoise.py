@@ -122,7 +122,10 @@ class Tiling:
     o: GemmTile
     gate_up: GemmTile
     down: GemmTile
-    attn_keys: int = 64  # keys per attention program
+    attn_keys: int = 64  # keys per attention block
+    # key blocks per attention program, taken in turn with an online softmax: fewer key splits for
+    # the row block's last program to merge, more serial work per program (a sweep candidate)
+    attn_blocks: int = 1
     attn_rows: int = 16  # folded (token, head) query rows per attention program
     gemm_warps: int = 8  # 128-row weight tiles: 8 warps (plan_tiling), measured best
     attn_warps: int = 8
@@ -462,17 +465,50 @@ if triton is not None:
         tl.store(out_ptr + tok[:, None] * (HQ * D) + h[:, None] * D + d[None, :], _bf16(out, INTERPRET), mask=row_ok[:, None])
 
     @triton.jit
+    def _attention_block(qkv_ptr, cum_ptr, q, cum_q, row_ok, kc, vc, key_ok, j, row_max, row_sum, acc, S, T, scale, b,
+                         HQ: tl.constexpr, D: tl.constexpr, LEAN_KV: tl.constexpr, INTERPRET: tl.constexpr):
+        """One block of keys j (cached ones: kc, vc, key_ok loaded) folded into the running row max, row
+        sum and unnormalised output (online softmax). The step's own keys come from qkv."""
+        d = tl.arange(0, D)
+        NQKV = (HQ + 2) * D
+        in_cache = j < S
+        in_new = (j >= S) & (j < S + T)
+        jn = j - S
+        new_tok = b * T + jn
+        if LEAN_KV:
+            k = tl.load(qkv_ptr + new_tok[:, None] * NQKV + HQ * D + d[None, :], mask=in_new[:, None], other=kc, cache_modifier=".cg")
+            v = tl.load(qkv_ptr + new_tok[:, None] * NQKV + (HQ + 1) * D + d[None, :], mask=in_new[:, None], other=vc, cache_modifier=".cg")
+        else:
+            kn = tl.load(qkv_ptr + new_tok[:, None] * NQKV + HQ * D + d[None, :], mask=in_new[:, None], other=0.0, cache_modifier=".cg")
+            vn = tl.load(qkv_ptr + new_tok[:, None] * NQKV + (HQ + 1) * D + d[None, :], mask=in_new[:, None], other=0.0, cache_modifier=".cg")
+            k = tl.where(in_cache[:, None], kc, kn)
+            v = tl.where(in_cache[:, None], vc, vn)
+        logits = _mma(q, tl.trans(k), INTERPRET) * scale
+        cum_k = tl.load(cum_ptr + jn, mask=in_new, other=0)
+        allowed = (key_ok[None, :] | (in_new[None, :] & (cum_k[None, :] <= cum_q[:, None]))) & row_ok[:, None]
+        logits = tl.where(allowed, logits, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(logits, axis=1))
+        base = tl.where(new_max == float("-inf"), 0.0, new_max)  # a row with no key yet: p = 0
+        p = tl.exp(logits - base[:, None])
+        rescale = tl.exp(row_max - base)  # 0 for the first block: the sums start from its own
+        row_sum = row_sum * rescale + tl.sum(p, axis=1)
+        # probabilities meet V in bf16, as the library path
+        acc = acc * rescale[:, None] + _mma(_bf16(p, INTERPRET), v, INTERPRET)
+        return new_max, row_sum, acc
+
+    @triton.jit
     def _attention_item(
         qkv_ptr, kc_ptr, vc_ptr, pmask_ptr, cum_ptr, acc_ptr, max_ptr, sum_ptr, count_ptr, out_ptr,
         S, T, scale, skc_b, skc_s, svc_b, svc_s, spm_b, split, rb, b, bar_ptr, bar_target, do_wait,
-        HQ: tl.constexpr, D: tl.constexpr, BR: tl.constexpr, BS: tl.constexpr, ROW_BLOCKS: tl.constexpr,
+        HQ: tl.constexpr, D: tl.constexpr, BR: tl.constexpr, BS: tl.constexpr, KB: tl.constexpr, ROW_BLOCKS: tl.constexpr,
         SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, LEAN_KV: tl.constexpr, SYNC: tl.constexpr, USE_PDL: tl.constexpr,
         INTERPRET: tl.constexpr,
     ):
         """Attention of the step's folded query rows (token, head) over [S cached keys; T own keys].
 
-        Work item (split, row block, batch): BS keys x BR rows. The cached keys/values are constant over
-        the step, so they load before the wait. Query t sees cached key j if prefix_mask[j], own key u
+        Work item (split, row block, batch): KB blocks of BS keys x BR rows, the blocks taken in turn with
+        an online softmax (``_attention_block``). The cached keys/values are constant over the step, so
+        the first block's cached keys and values load before the wait. Query t sees cached key j if prefix_mask[j], own key u
         if cum[u] <= cum[t] (cum = cumsum of the suffix's AR flags). Each item stores an unnormalised
         partial output with its row max and row sum; the row block's last item merges them.
         LEAN_KV: the own keys load into the cached tile (a masked load whose other value is that tile)
@@ -481,9 +517,8 @@ if triton is not None:
         spilled (offline sm_90 compile at 8 warps: a 576-byte stack against 160).
         """
         d = tl.arange(0, D)
-        j = split * BS + tl.arange(0, BS)
+        j = split * (KB * BS) + tl.arange(0, BS)
         in_cache = j < S
-        in_new = (j >= S) & (j < S + T)
         if SYNC:
             _wait_inputs(SYNC, USE_PDL, bar_ptr, bar_target, do_wait)
         kc = tl.load(kc_ptr + b * skc_b + j[:, None] * skc_s + d[None, :], mask=in_cache[:, None], other=0.0)
@@ -498,26 +533,22 @@ if triton is not None:
         row_ok = r < T * HQ
         tok = b * T + t
         q = tl.load(qkv_ptr + tok[:, None] * NQKV + h[:, None] * D + d[None, :], mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
-        jn = j - S
-        new_tok = b * T + jn
-        if LEAN_KV:
-            k = tl.load(qkv_ptr + new_tok[:, None] * NQKV + HQ * D + d[None, :], mask=in_new[:, None], other=kc, cache_modifier=".cg")
-            v = tl.load(qkv_ptr + new_tok[:, None] * NQKV + (HQ + 1) * D + d[None, :], mask=in_new[:, None], other=vc, cache_modifier=".cg")
-        else:
-            kn = tl.load(qkv_ptr + new_tok[:, None] * NQKV + HQ * D + d[None, :], mask=in_new[:, None], other=0.0, cache_modifier=".cg")
-            vn = tl.load(qkv_ptr + new_tok[:, None] * NQKV + (HQ + 1) * D + d[None, :], mask=in_new[:, None], other=0.0, cache_modifier=".cg")
-            k = tl.where(in_cache[:, None], kc, kn)
-            v = tl.where(in_cache[:, None], vc, vn)
-        logits = _mma(q, tl.trans(k), INTERPRET) * scale
         cum_q = tl.load(cum_ptr + t, mask=row_ok, other=0)
-        cum_k = tl.load(cum_ptr + jn, mask=in_new, other=0)
-        allowed = (key_ok[None, :] | (in_new[None, :] & (cum_k[None, :] <= cum_q[:, None]))) & row_ok[:, None]
-        logits = tl.where(allowed, logits, float("-inf"))
-        row_max = tl.max(logits, axis=1)
-        base = tl.where(row_max == float("-inf"), 0.0, row_max)  # a row with no key here: p = 0
-        p = tl.exp(logits - base[:, None])
-        row_sum = tl.sum(p, axis=1)
-        acc = _mma(_bf16(p, INTERPRET), v, INTERPRET)  # probabilities meet V in bf16, as the library path
+        row_max = tl.full((BR,), float("-inf"), tl.float32)
+        row_sum = tl.zeros((BR,), tl.float32)
+        acc = tl.zeros((BR, D), tl.float32)
+        row_max, row_sum, acc = _attention_block(qkv_ptr, cum_ptr, q, cum_q, row_ok, kc, vc, key_ok, j, row_max, row_sum, acc,
+                                                 S, T, scale, b, HQ, D, LEAN_KV, INTERPRET)
+        # The item's other key blocks, unrolled: offline sm_90 compiles of a dynamic loop (Triton 3.9)
+        # came out at 32 registers and 3 KB of spills.
+        for blk in tl.static_range(1, KB):
+            j = split * (KB * BS) + blk * BS + tl.arange(0, BS)
+            in_cache = j < S
+            kc = tl.load(kc_ptr + b * skc_b + j[:, None] * skc_s + d[None, :], mask=in_cache[:, None], other=0.0)
+            vc = tl.load(vc_ptr + b * svc_b + j[:, None] * svc_s + d[None, :], mask=in_cache[:, None], other=0.0)
+            key_ok = tl.load(pmask_ptr + b * spm_b + j, mask=in_cache, other=0) != 0
+            row_max, row_sum, acc = _attention_block(qkv_ptr, cum_ptr, q, cum_q, row_ok, kc, vc, key_ok, j, row_max, row_sum, acc,
+                                                     S, T, scale, b, HQ, D, LEAN_KV, INTERPRET)
         first_slot = (b * ROW_BLOCKS + rb) * SPLITS
         i = tl.arange(0, BR)
         tl.store(acc_ptr + ((first_slot + split) * BR + i[:, None]) * D + d[None, :], acc)
@@ -532,13 +563,13 @@ if triton is not None:
     def _attention_kernel(
         qkv_ptr, kc_ptr, vc_ptr, pmask_ptr, cum_ptr, acc_ptr, max_ptr, sum_ptr, count_ptr, out_ptr,
         S, T, scale, skc_b, skc_s, svc_b, svc_s, spm_b,
-        HQ: tl.constexpr, D: tl.constexpr, BR: tl.constexpr, BS: tl.constexpr, ROW_BLOCKS: tl.constexpr,
+        HQ: tl.constexpr, D: tl.constexpr, BR: tl.constexpr, BS: tl.constexpr, KB: tl.constexpr, ROW_BLOCKS: tl.constexpr,
         SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, LEAN_KV: tl.constexpr, USE_PDL: tl.constexpr, INTERPRET: tl.constexpr,
     ):
         """One work item per program: grid (key splits, row blocks, batch)."""
         _attention_item(qkv_ptr, kc_ptr, vc_ptr, pmask_ptr, cum_ptr, acc_ptr, max_ptr, sum_ptr, count_ptr, out_ptr,
                         S, T, scale, skc_b, skc_s, svc_b, svc_s, spm_b, tl.program_id(0), tl.program_id(1), tl.program_id(2),
-                        count_ptr, 0, False, HQ, D, BR, BS, ROW_BLOCKS, SPLITS, SPLITS_P2, LEAN_KV, 0, USE_PDL, INTERPRET)
+                        count_ptr, 0, False, HQ, D, BR, BS, KB, ROW_BLOCKS, SPLITS, SPLITS_P2, LEAN_KV, 0, USE_PDL, INTERPRET)
 
     @triton.jit
     def _prefetch_l2(base_ptr, n_bytes, pid, nprog, PREFETCH: tl.constexpr):
@@ -566,7 +597,7 @@ if triton is not None:
         O_BN: tl.constexpr, O_KS: tl.constexpr, O_SPLIT: tl.constexpr,
         GU_PAIRS: tl.constexpr, GU_KS: tl.constexpr, GU_SPLIT: tl.constexpr,
         DOWN_BN: tl.constexpr, DOWN_KS: tl.constexpr, DOWN_SPLIT: tl.constexpr,
-        BR: tl.constexpr, BS: tl.constexpr, ATT_ROW_BLOCKS: tl.constexpr, ATT_SPLITS: tl.constexpr, ATT_SPLITS_P2: tl.constexpr,
+        BR: tl.constexpr, BS: tl.constexpr, ATT_KB: tl.constexpr, ATT_ROW_BLOCKS: tl.constexpr, ATT_SPLITS: tl.constexpr, ATT_SPLITS_P2: tl.constexpr,
         LEAN_KV: tl.constexpr, FP8: tl.constexpr, PREFETCH: tl.constexpr, INTERPRET: tl.constexpr,
     ):
         """Phases first_phase..last_phase of the step (phase = layer * 5 + stage) in one persistent grid.
@@ -621,7 +652,7 @@ if triton is not None:
                                     att_acc_ptr, att_max_ptr, att_sum_ptr, counts, attn_ptr,
                                     S, T, scale, skc_b, skc_s, svc_b, svc_s, spm_b, split, rb, item // (ATT_SPLITS * ATT_ROW_BLOCKS),
                                     prev_bar, target, later & (item == pid),
-                                    HQ, D, BR, BS, ATT_ROW_BLOCKS, ATT_SPLITS, ATT_SPLITS_P2, LEAN_KV, 1, False, INTERPRET)
+                                    HQ, D, BR, BS, ATT_KB, ATT_ROW_BLOCKS, ATT_SPLITS, ATT_SPLITS_P2, LEAN_KV, 1, False, INTERPRET)
             elif stage == 2:
                 if layer + 1 < depth:
                     _prefetch_l2(wqkv_ptr + (layer + 1) * QKV_N * W, QKV_N * W * ebytes, pid, nprog, PREFETCH)
@@ -697,7 +728,7 @@ def launch_residual_gemm(a: Tensor, weight: Tensor, wscale: Tensor | None, table
 
 def attention_grid(batch: int, tokens: int, heads: int, keys: int, tiling: Tiling) -> tuple[int, int, int]:
     """(key splits, row blocks, batch) of the attention kernel."""
-    return -(-keys // tiling.attn_keys), -(-(tokens * heads) // tiling.attn_rows), batch
+    return -(-keys // (tiling.attn_keys * tiling.attn_blocks)), -(-(tokens * heads) // tiling.attn_rows), batch
 
 
 def launch_attention(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, prefix_mask: Tensor, suffix_cum: Tensor,
@@ -711,7 +742,7 @@ def launch_attention(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, prefix_mask:
     _attention_kernel[(splits, row_blocks, b)](
         qkv, k_cache, v_cache, mask_u8, suffix_cum, acc, row_max, row_sum, counters, out,
         s, t, d**-0.5, k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), mask_u8.stride(0),
-        HQ=heads, D=d, BR=tiling.attn_rows, BS=tiling.attn_keys, ROW_BLOCKS=row_blocks, SPLITS=splits,
+        HQ=heads, D=d, BR=tiling.attn_rows, BS=tiling.attn_keys, KB=tiling.attn_blocks, ROW_BLOCKS=row_blocks, SPLITS=splits,
         SPLITS_P2=triton_next_pow2(splits), LEAN_KV=tiling.attn_lean_kv, USE_PDL=USE_PDL and not INTERPRET, INTERPRET=INTERPRET,
         **_options(tiling.attn_warps),
     )
@@ -859,7 +890,7 @@ def persistent_layers(x, x_sumsq, step, k_cache, v_cache, prefix_mask, cos, sin,
             O_BN=t.o.rows, O_KS=t.o.k_slice, O_SPLIT=heads * head_dim // t.o.k_slice,
             GU_PAIRS=t.gate_up.rows // 2, GU_KS=t.gate_up.k_slice, GU_SPLIT=width // t.gate_up.k_slice,
             DOWN_BN=t.down.rows, DOWN_KS=t.down.k_slice, DOWN_SPLIT=mlp // t.down.k_slice,
-            BR=t.attn_rows, BS=t.attn_keys, ATT_ROW_BLOCKS=row_blocks, ATT_SPLITS=splits, ATT_SPLITS_P2=triton_next_pow2(splits),
+            BR=t.attn_rows, BS=t.attn_keys, ATT_KB=t.attn_blocks, ATT_ROW_BLOCKS=row_blocks, ATT_SPLITS=splits, ATT_SPLITS_P2=triton_next_pow2(splits),
             LEAN_KV=t.attn_lean_kv, FP8=s_qkv is not None, PREFETCH=t.prefetch_l2 and not INTERPRET, INTERPRET=INTERPRET, **options,
         )
     return buf.resid
