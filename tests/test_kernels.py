@@ -6,6 +6,7 @@ on a CUDA machine the same checks run on the GPU. The CPU fallbacks of the custo
 in the denoise component and the engine's runner choice are tested in process.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -165,10 +166,14 @@ def tiny_kvcache(config: str, triton_attention: bool):
     return module
 
 
-def test_float32_kvcache_keeps_library_attention():
-    model = build_model(get_config("pi05_tiny"), dtype=torch.float32, device="cpu", seed=0)
+def test_kvcache_keeps_library_attention_where_the_kernel_does_not_fit():
+    cfg = get_config("pi05_tiny")
+    model = build_model(cfg, dtype=torch.float32, device="cpu", seed=0)
     module = build_component(model, "kvcache", Shapes(cameras=2, prompt_len=16), "fp32")
-    assert module.use_triton_attention() == {"attention": "library"} and not module.triton_attention
+    assert module.use_triton_attention() == {"attention": "library"} and not module.triton_attention  # float32
+    odd = cfg.replace(llm=dataclasses.replace(cfg.llm, head_dim=24))
+    module = build_component(build_model(odd, dtype=torch.float32, device="cpu", seed=0), "kvcache", Shapes(cameras=2, prompt_len=16), "bf16")
+    assert module.use_triton_attention() == {"attention": "library"}  # a head dimension of 24
 
 
 def test_kvcache_with_the_kernel_matches_sdpa():

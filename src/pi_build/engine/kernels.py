@@ -358,6 +358,11 @@ def _(q, k_cache, v_cache, k_new, v_new, mask):
     return q.new_empty(b, t, hq * d)
 
 
+def prefix_attention_supported(head_dim: int) -> bool:
+    """Head dimensions the kernel takes: powers of two >= 16 (a tensor-core tile)."""
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
 @torch.library.custom_op("pi_build::prefix_attention", mutates_args=())
 def prefix_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, key_mask: Tensor) -> Tensor:
     """The prefix pass's attention: every query attends to the same keys, those where key_mask is True.
@@ -368,9 +373,8 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, 
     probabilities meet V in V's dtype.
     """
     _check_last_dim_contiguous("prefix_attention", q, k, v, cos, sin, key_mask)
-    d = q.shape[-1]
-    if d < 16 or d & (d - 1):
-        raise ValueError(f"prefix_attention: the head dimension must be a power of two >= 16 (a tensor-core tile), got {d}")
+    if not prefix_attention_supported(q.shape[-1]):
+        raise ValueError(f"prefix_attention: the head dimension must be a power of two >= 16 (a tensor-core tile), got {q.shape[-1]}")
     if _use_triton("prefix_attention", q.device):
         return _launch_prefix_attention(q, k, v, cos, sin, key_mask)
     b, t, hq, d = q.shape

@@ -47,8 +47,11 @@ class KVCacheComponent(nn.Module):
     def use_triton_attention(self) -> dict:
         """Run attention as pi-build's Triton kernel (``kernels.prefix_attention``, RoPE of the queries
         inside), for CUDA builds. It reads one KV head, in bf16 (in float32 its tensor-core products
-        would round to tf32: a float32 engine keeps SDPA). Returns what was switched, for the manifest."""
-        self.triton_attention = self.cfg.llm.num_kv_heads == 1 and self.dtype == torch.bfloat16
+        would round to tf32: a float32 engine keeps SDPA), with a power-of-two head dimension.
+        Returns what was switched, for the manifest."""
+        llm = self.cfg.llm
+        self.triton_attention = (llm.num_kv_heads == 1 and self.dtype == torch.bfloat16
+                                 and kernels.prefix_attention_supported(llm.head_dim))
         return {"attention": "triton" if self.triton_attention else "library"}
 
     def example_inputs(self, generator: torch.Generator) -> tuple[Tensor, ...]:
