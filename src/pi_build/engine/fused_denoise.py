@@ -205,6 +205,7 @@ def pair_permutation(rows: int, half: int) -> Tensor:
 # ----------------------------------------------------------------------------- Triton kernels
 
 if triton is not None:
+    from pi_build.engine.kernels import mma, to_bf16  # the shared product and bf16 rounding
 
     @triton.jit
     def _pdl_wait(USE_PDL: tl.constexpr):
@@ -217,30 +218,11 @@ if triton is not None:
             tl.extra.cuda.gdc_launch_dependents()
 
     @triton.jit
-    def _mma(a, b, INTERPRET: tl.constexpr):
-        """a [M, K] @ b [K, N], bf16 operands, float32 accumulation."""
-        if INTERPRET:  # the interpreter's bf16 dot returns garbage; bf16 values are exact in float32
-            out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-        else:
-            out = tl.dot(a, b)
-        return out
-
-    @triton.jit
-    def _bf16(x, INTERPRET: tl.constexpr):
-        """float32 -> bf16, rounding to nearest even. The interpreter's cast truncates (checked with
-        Triton 3.9), so there the rounding is done on the bits first: the cast is then exact."""
-        if INTERPRET:
-            bits = x.to(tl.int32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-            x = bits.to(tl.float32, bitcast=True)
-        return x.to(tl.bfloat16)
-
-    @triton.jit
     def _weight_mma(w, a, INTERPRET: tl.constexpr):
         """a [BM, K] @ w [N, K]^T -> [BM, N], computed as (w @ a^T)^T: the weight tile's rows are the
         MMA's M dimension (64 rows: one Hopper wgmma per warpgroup, activations from shared memory).
         The other way round, the 16 token rows would be M and every warp would hold all of them."""
-        return tl.trans(_mma(w.to(tl.bfloat16), tl.trans(a), INTERPRET))
+        return tl.trans(mma(w.to(tl.bfloat16), tl.trans(a), INTERPRET))
 
     @triton.jit
     def _gelu_tanh(x):
@@ -284,7 +266,7 @@ if triton is not None:
         ok = rm[:, None] < M
         if GELU:  # hidden = gelu_tanh(gate) * up, in float32 before the one rounding to bf16
             out = _gelu_tanh(lo) * hi
-            tl.store(out_ptr + rm[:, None] * OUT_COLS + (first + tl.arange(0, PAIRS))[None, :], _bf16(out, INTERPRET), mask=ok)
+            tl.store(out_ptr + rm[:, None] * OUT_COLS + (first + tl.arange(0, PAIRS))[None, :], to_bf16(out, INTERPRET), mask=ok)
         else:  # RoPE (rotate-half) on the q heads and the k head; the v head (last group) passes
             group = first // HALF
             cos = tl.load(cos_ptr + rm[:, None] * HALF + c[None, :], mask=ok, other=1.0)
@@ -293,8 +275,8 @@ if triton is not None:
             cos = tl.where(rotate, cos, 1.0)
             sin = tl.where(rotate, sin, 0.0)
             col = group * 2 * HALF + c
-            tl.store(out_ptr + rm[:, None] * OUT_COLS + col[None, :], _bf16(lo * cos - hi * sin, INTERPRET), mask=ok)
-            tl.store(out_ptr + rm[:, None] * OUT_COLS + (col + HALF)[None, :], _bf16(hi * cos + lo * sin, INTERPRET), mask=ok)
+            tl.store(out_ptr + rm[:, None] * OUT_COLS + col[None, :], to_bf16(lo * cos - hi * sin, INTERPRET), mask=ok)
+            tl.store(out_ptr + rm[:, None] * OUT_COLS + (col + HALF)[None, :], to_bf16(hi * cos + lo * sin, INTERPRET), mask=ok)
 
     @triton.jit
     def _wait_inputs(SYNC: tl.constexpr, USE_PDL: tl.constexpr, bar_ptr, target, do_wait):
@@ -358,7 +340,7 @@ if triton is not None:
                             cache_modifier=".cg")
             rstd = tl.rsqrt(tl.sum(parts, axis=0) / K + eps)
             x = tl.load(x_ptr + rm[:, None] * K + k[None, :], mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
-            h = _bf16(x * rstd[:, None] * mult[None, :] + shift[None, :], INTERPRET)
+            h = to_bf16(x * rstd[:, None] * mult[None, :] + shift[None, :], INTERPRET)
             acc = _weight_mma(w, h, INTERPRET)
             if FP8:
                 acc = acc * wscale[None, :]
@@ -462,7 +444,7 @@ if triton is not None:
             weight = tl.where(m_j == float("-inf"), 0.0, tl.exp(m_j - top))  # a split with no key for the row: 0
             out += tl.load(acc_ptr + ((first_slot + j) * BR + i[:, None]) * D + d[None, :], cache_modifier=".cg") * weight[:, None]
         out = out / tl.where(total > 0, total, 1.0)[:, None]
-        tl.store(out_ptr + tok[:, None] * (HQ * D) + h[:, None] * D + d[None, :], _bf16(out, INTERPRET), mask=row_ok[:, None])
+        tl.store(out_ptr + tok[:, None] * (HQ * D) + h[:, None] * D + d[None, :], to_bf16(out, INTERPRET), mask=row_ok[:, None])
 
     @triton.jit
     def _attention_block(qkv_ptr, cum_ptr, q, cum_q, row_ok, kc, vc, key_ok, j, row_max, row_sum, acc, S, T, scale, b,
@@ -483,7 +465,7 @@ if triton is not None:
             vn = tl.load(qkv_ptr + new_tok[:, None] * NQKV + (HQ + 1) * D + d[None, :], mask=in_new[:, None], other=0.0, cache_modifier=".cg")
             k = tl.where(in_cache[:, None], kc, kn)
             v = tl.where(in_cache[:, None], vc, vn)
-        logits = _mma(q, tl.trans(k), INTERPRET) * scale
+        logits = mma(q, tl.trans(k), INTERPRET) * scale
         cum_k = tl.load(cum_ptr + jn, mask=in_new, other=0)
         allowed = (key_ok[None, :] | (in_new[None, :] & (cum_k[None, :] <= cum_q[:, None]))) & row_ok[:, None]
         logits = tl.where(allowed, logits, float("-inf"))
@@ -493,7 +475,7 @@ if triton is not None:
         rescale = tl.exp(row_max - base)  # 0 for the first block: the sums start from its own
         row_sum = row_sum * rescale + tl.sum(p, axis=1)
         # probabilities meet V in bf16, as the library path
-        acc = acc * rescale[:, None] + _mma(_bf16(p, INTERPRET), v, INTERPRET)
+        acc = acc * rescale[:, None] + mma(to_bf16(p, INTERPRET), v, INTERPRET)
         return new_max, row_sum, acc
 
     @triton.jit

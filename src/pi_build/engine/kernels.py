@@ -32,6 +32,8 @@ import os
 import torch
 from torch import Tensor, nn
 
+from pi_build.engine.layers import apply_rope
+
 try:
     import triton
     import triton.language as tl
@@ -91,6 +93,25 @@ def attention_splits(keys: int) -> int:
 if triton is not None:
 
     @triton.jit
+    def mma(a, b, INTERPRET: tl.constexpr):
+        """a [M, K] @ b [K, N], float32 accumulation (the Triton kernels' one product)."""
+        if INTERPRET:  # the interpreter's bf16 dot returns garbage; bf16 values are exact in float32
+            out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        else:
+            out = tl.dot(a, b)
+        return out
+
+    @triton.jit
+    def to_bf16(x, INTERPRET: tl.constexpr):
+        """float32 -> bf16, rounding to nearest even. The interpreter's cast truncates (checked with
+        Triton 3.9), so there the rounding is done on the bits first: the cast is then exact."""
+        if INTERPRET:
+            bits = x.to(tl.int32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+            x = bits.to(tl.float32, bitcast=True)
+        return x.to(tl.bfloat16)
+
+    @triton.jit
     def _skinny_mm(x_ptr, w_ptr, out_ptr, M, N, stride_xm, stride_wn,
                    K_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    INTERPRET: tl.constexpr):
@@ -105,10 +126,7 @@ if triton is not None:
         for _ in range(K_SPLIT // BLOCK_K):
             x = tl.load(x_ptrs, mask=rm[:, None] < M, other=0.0)
             w = tl.load(w_ptrs)
-            if INTERPRET:  # the interpreter's bf16 dot is broken; bf16 values are exact in float32
-                acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
-            else:
-                acc += tl.dot(x, tl.trans(w))
+            acc += mma(x, tl.trans(w), INTERPRET)
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
         out_ptrs = out_ptr + pid_s * M * N + rm[:, None] * N + rn[None, :]
@@ -137,10 +155,7 @@ if triton is not None:
             + tl.load(kn_ptr + b * skn_b + jn[:, None] * skn_t + d[None, :], mask=in_new[:, None], other=0.0)
         v = tl.load(vc_ptr + b * svc_b + j[:, None] * svc_s + d[None, :], mask=in_cache[:, None], other=0.0) \
             + tl.load(vn_ptr + b * svn_b + jn[:, None] * svn_t + d[None, :], mask=in_new[:, None], other=0.0)
-        if INTERPRET:
-            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
+        s = mma(q, tl.trans(k), INTERPRET)
         allowed = tl.load(mask_ptr + b * sm_b + t[:, None] * sm_t + j[None, :],
                           mask=row_ok[:, None] & (j < S_CACHE + T)[None, :], other=0)
         s = tl.where(allowed != 0, s * scale, float("-inf"))
@@ -148,10 +163,7 @@ if triton is not None:
         base = tl.where(row_max == float("-inf"), 0.0, row_max)  # a row with no key here: p = 0
         p = tl.exp(s - base[:, None])
         row_sum = tl.sum(p, axis=1)
-        if INTERPRET:
-            acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
-        else:
-            acc = tl.dot(p.to(v.dtype), v)
+        acc = mma(p.to(v.dtype), v, INTERPRET)
         row = (pid_s * B + b) * R + r
         tl.store(acc_ptr + row[:, None] * D + d[None, :], acc, mask=row_ok[:, None])
         tl.store(max_ptr + row, row_max, mask=row_ok)
@@ -189,20 +201,14 @@ if triton is not None:
             keep = tl.load(mask_ptr + b * sm_b + j, mask=in_range, other=0) != 0
             k = tl.load(k_ptr + b * sk_b + j[:, None] * sk_s + d[None, :], mask=in_range[:, None], other=0.0)
             v = tl.load(v_ptr + b * sv_b + j[:, None] * sv_s + d[None, :], mask=in_range[:, None], other=0.0)
-            if INTERPRET:  # the interpreter's bf16 dot is broken; bf16 values are exact in float32
-                s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
+            s = mma(q, tl.trans(k), INTERPRET)
             s = tl.where(keep[None, :], s * qk_scale, float("-inf"))  # qk_scale includes log2(e): exp2 below
             new_max = tl.maximum(row_max, tl.max(s, axis=1))
             base = tl.where(new_max == float("-inf"), 0.0, new_max)  # no key yet: nothing to rescale
             p = tl.math.exp2(s - base[:, None])
             rescale = tl.math.exp2(row_max - base)
             row_sum = row_sum * rescale + tl.sum(p, axis=1)
-            if INTERPRET:
-                acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
-            else:
-                acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)  # probabilities meet V in bf16, as flash kernels do
+            acc = acc * rescale[:, None] + mma(p.to(v.dtype), v, INTERPRET)  # probabilities meet V in its dtype, as flash kernels do
             row_max = new_max
         out = acc / tl.where(row_sum == 0.0, 1.0, row_sum)[:, None]  # a batch row with no valid key: zeros
         tl.store(out_ptr + (b * R + r[:, None]) * D + d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok)
@@ -378,11 +384,7 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, 
     if _use_triton("prefix_attention", q.device):
         return _launch_prefix_attention(q, k, v, cos, sin, key_mask)
     b, t, hq, d = q.shape
-    half = d // 2
-    x = q.float()
-    c, s = cos.float()[:, :, None], sin.float()[:, :, None]
-    roped = torch.cat([x[..., :half] * c[..., :half] - x[..., half:] * s[..., :half],
-                       x[..., half:] * c[..., half:] + x[..., :half] * s[..., half:]], dim=-1).to(q.dtype)
+    roped = apply_rope(q.float(), cos.float()[:, :, None], sin.float()[:, :, None]).to(q.dtype)  # float32, rounded once
     logits = torch.einsum("bthd,bsd->bths", roped.float(), k.float()) * d**-0.5
     probs = logits.masked_fill(~key_mask[:, None, None, :], float("-inf")).softmax(-1).nan_to_num(0.0)
     return torch.einsum("bths,bsd->bthd", probs.to(v.dtype).float(), v.float()).reshape(b, t, hq * d).to(q.dtype)

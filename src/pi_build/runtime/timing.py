@@ -124,8 +124,8 @@ def kernel_profile(fn: Callable[[], object], top: int = 20, device: torch.device
     {"kernels": launches, "kernel_ms": their summed time, "busy_ms": the time at least one ran (less than
     kernel_ms where kernels overlap), "kinds": {kind: [ms, launches]} (``kernel_kind``), "top": [[ms,
     launches, name], ...] for the ``top`` kernels by time}. On a CPU device the "kernels" are the
-    operators' self times, which do not overlap. What the experiment scripts and `pi-run bench --profile` print to
-    say where a component's time goes."""
+    operators' self times, which do not overlap. What the experiment scripts and `pi-run bench
+    --profile` print to say where a component's time goes."""
     cpu = device is not None and device.type == "cpu"
     activity = torch.profiler.ProfilerActivity.CPU if cpu else torch.profiler.ProfilerActivity.CUDA
     with torch.no_grad(), torch.profiler.profile(activities=[activity]) as prof:
