@@ -182,11 +182,11 @@ def test_rowwise_fp8_is_recorded_matched_and_within_its_gate(workspace, tmp_path
     result = invoke(build_app, ["kvcache", "--recipe", workspace["recipe"], "--engines", engines, "--set", "quantize.scaling=rowwise"])
     assert result.exit_code == 0, result.output
     kv = artifacts.load_artifact(engines / "t" / "kvcache" / "v2").manifest
-    assert kv["fp8_scaling"] == "rowwise" and kv["recipe"]["quantize"]["scaling"] == "rowwise"
+    assert kv["recipe"]["quantize"]["scaling"] == "rowwise"  # the manifest's one record of the scheme
     assert kv["accuracy"]["passed"] and kv["accuracy"]["cosine"] > 0.99
     scales = artifacts.load_artifact(artifacts.latest_artifact(engines, "t", "kvcache-fp8-scales")).manifest
     assert scales["quantize"]["scaling"] == "rowwise"
-    assert artifacts.load_artifact(engines / "t" / "kvcache" / "v1").manifest["fp8_scaling"] == "tensor"
+    assert artifacts.load_artifact(engines / "t" / "kvcache" / "v1").manifest["recipe"]["quantize"]["scaling"] == "tensor"
     assert pipeline_of(workspace, engines, **rowwise).versions()["kvcache"] == "v2"
     assert pipeline_of(workspace, engines).versions()["kvcache"] == "v1"  # the recipe's own (tensor) engine
 
@@ -319,6 +319,26 @@ def test_busy_time_counts_overlapping_kernels_once():
     assert busy_ms([(0, 10), (20, 30)]) == pytest.approx(0.020)  # a gap between them
     assert busy_ms([(0, 10), (5, 30), (6, 8)]) == pytest.approx(0.030)  # overlaps (PDL) and a nested one
     assert busy_ms([(5, 30), (0, 10)]) == pytest.approx(0.030)  # in any order
+
+
+def test_profile_table_names_graph_overlap_instead_of_a_negative_gap():
+    """The kinds come from a graph-free call; when the captured graph overlaps kernels (PDL) the p50 is
+    below their sum, and that difference is reported as overlap, not as time between kernels."""
+    from rich.console import Console
+
+    from pi_build.runtime.bench import profile_table
+
+    profile = {"vision": {"kernels": 3, "kernel_ms": 1.6, "busy_ms": 1.6, "kinds": {"library GEMMs": [1.6, 3]}, "top": []},
+               "denoise": {"kernels": 5, "kernel_ms": 0.7, "busy_ms": 0.65, "kinds": {"attention": [0.7, 5]}, "top": []}}
+    latency = {"vision": {"p50": 1.75}, "denoise": {"p50": 0.55}}
+    console = Console(width=250, record=True)
+    console.print(profile_table(profile, latency, cpu=False))
+    rows = {line.split("│")[2].strip(): line.split("│")[3].strip()
+            for line in console.export_text().splitlines() if line.count("│") > 4}
+    assert rows["between kernels (launches, ramps, gaps)"] == "0.150"  # vision: 1.75 - 1.6
+    assert rows["kernels running at once (counted twice above)"] == "-0.050"  # denoise: 0.7 - 0.65
+    assert rows["overlap in the CUDA graph (PDL starts kernels early; the kinds were timed without it)"] == "-0.100"
+    assert sum(1 for label in rows if label.startswith("between kernels")) == 1  # none for the overlapped one
 
 
 def test_kernel_kinds_name_what_a_kernel_does():

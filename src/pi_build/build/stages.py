@@ -256,7 +256,6 @@ def stage_compile(reference: Reference, recipe: Recipe, component: Component, en
             "aoti_problem": engine_info.get("aoti_problem"),
             "vocab_size": reference.model.cfg.vocab_size,
             "fp8_scales": scales_ref,
-            "fp8_scaling": recipe.quantize.scaling if spec.precision == Precision.FP8 else None,
             "gpu_kernels": gpu_kernels,
             "assets": sorted(assets),
             "accuracy": report,
