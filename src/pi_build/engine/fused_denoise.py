@@ -71,14 +71,9 @@ from torch import Tensor, nn
 from pi_build.engine.fp8 import quantize_rows
 from pi_build.spec import Precision
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs: the torch path still works
-    triton = None
-
-# Triton's interpreter runs the kernels on CPU tensors; it must be chosen before triton is imported.
-INTERPRET = triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
+# Triton is optional (None on CPU-only installs, where the torch path still works); kernels.py holds
+# its one import and the interpreter flag (TRITON_INTERPRET=1: the kernels run on CPU tensors).
+from pi_build.engine.kernels import INTERPRET, tl, triton
 # Programmatic dependent launch (Hopper+); PI_BUILD_PDL=0 turns it off for A/B measurements.
 USE_PDL = os.environ.get("PI_BUILD_PDL", "1") != "0"
 

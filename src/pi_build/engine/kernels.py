@@ -38,7 +38,7 @@ try:
     import triton
     import triton.language as tl
 except ImportError:  # CPU-only installs: the torch paths below still work
-    triton = None
+    triton = tl = None
 
 # Triton's interpreter runs the kernels on CPU tensors (numpy inside); it must be chosen before
 # triton is first imported, so tests run it in a fresh process with TRITON_INTERPRET=1.
