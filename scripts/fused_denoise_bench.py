@@ -205,9 +205,13 @@ def sweep_candidates(rows: int, fp8: bool, persistent: bool = False) -> list[tup
     # Attention is ~30% of the 10-row step: fewer programs that each take more of the 80 folded
     # query rows read each K/V tile fewer times (5 times at 16 rows) but hold more registers.
     # Several key blocks a program (online softmax): fewer splits for the last program to merge (9 at
-    # pi0.5's 554 keys in 64-key blocks), more serial work each.
+    # pi0.5's 554 keys in 64-key blocks), more serial work each; all slower at 10 rows (seventh
+    # session). At pi0's 51 rows (408 folded rows: 26 row blocks x 10 splits = 260 programs, two
+    # waves on 132 multiprocessors) 32 or 64 rows, or 2 key blocks, make it one wave.
     return out + [("attention lean K/V", dict(attn_lean_kv=True)), ("attention 32 keys", dict(attn_keys=32)),
-                  ("attention 32 rows", dict(attn_rows=32)), ("attention 64 rows x 32 keys", dict(attn_rows=64, attn_keys=32)),
+                  ("attention 32 rows", dict(attn_rows=32)), ("attention 64 rows", dict(attn_rows=64)),
+                  ("attention 64 rows x 32 keys", dict(attn_rows=64, attn_keys=32)),
+                  ("attention 32 rows, 2 key blocks", dict(attn_rows=32, attn_blocks=2)),
                   ("attention 2 key blocks a program", dict(attn_blocks=2)), ("attention 3 key blocks a program", dict(attn_blocks=3)),
                   ("attention 5 key blocks a program", dict(attn_blocks=5)),
                   ("attention 3 key blocks, lean K/V", dict(attn_blocks=3, attn_lean_kv=True))]

@@ -8,7 +8,7 @@
 #
 # The work runs detached (setsid) so that it outlives one `run` call: call `poll` again within 30 s
 # and the machine stays warm. Carried wheels (.whl: ModelOpt, pydantic, websockets) are installed first.
-# PHASES (default "smoke pi05 pi0 batch"; also "vision", "fp8", "denoise16", "fused16", "fusedsweep", "fp8keep", "gputests", "persistent", "pi05persistent", "prefixattn", "pi05profile") picks phases. Checkpoints land where the recipes look for
+# PHASES (default "smoke pi05 pi0 batch"; also "batch16", "pi05bucket48", "vision", "fp8", "denoise16", "fused16", "fusedsweep", "fusedsweep0", "fp8keep", "gputests", "persistent", "pi05persistent", "prefixattn", "pi05profile") picks phases. Checkpoints land where the recipes look for
 # them (checkpoints/<name>, relative to the copied code), engines under /tmp/pib/engines.
 set -uo pipefail
 W=/tmp/pib
@@ -42,6 +42,17 @@ phase_batch() {   # throughput: pi0.5's engines for batch 1, 4 and 16 (10 steps)
   run bench --recipe recipes/pi05_batches.toml --steps 10 --batch 1,4,16 --no-reference --json $W/bench_batch.json
 }
 
+phase_pi05bucket48() {  # pi0.5 with its smallest bucket at 48 tokens (560 prefix rows), where the probe found cuBLAS's FP8
+                        # tiles ~14 us a layer faster than at 544 (scripts/prefix_gemm_probe.py); benched like phase pi05
+  sed 's/^prompt_buckets = \[32\]/prompt_buckets = [48]/' recipes/pi05_libero.toml > recipes/pi05_bucket48.toml
+  pi05_checkpoint && build all --recipe recipes/pi05_bucket48.toml --skip export && build denoise --recipe recipes/pi05_bucket48.toml --steps 1 &&
+  run bench --recipe recipes/pi05_bucket48.toml --steps 1,10 --profile --json $W/bench_pi05_bucket48.json
+}
+phase_batch16() {  # batch 16 alone (10 steps, 32-token bucket): the batched engines benched, no batch 1 or 4 builds
+  one_bucket | sed 's/^batch = 1$/batch = 16/' > recipes/pi05_b16.toml
+  pi05_checkpoint && build all --recipe recipes/pi05_b16.toml --skip export &&
+  run bench --recipe recipes/pi05_b16.toml --steps 10 --batch 16 --no-reference --profile --json $W/bench_batch16.json
+}
 phase_vision() {  # vision variants at batch 1: Inductor's max-autotune (recipe vision.autotune), then FP8
   one_bucket > recipes/pi05_b1.toml
   pi05_checkpoint && build vision --recipe recipes/pi05_b1.toml --set vision.autotune=true &&
@@ -61,6 +72,9 @@ phase_fused16() {   # the fused step in 64-row blocks at batch 16 (160 rows) aga
 }
 phase_fusedsweep() {  # the fused step at batch 1 (pi0.5, 32-token bucket) with its tiling sweep: attention row blocks of 16/32/64
   python3 scripts/fused_denoise_bench.py --runs "pi05:fused" --prompt-len 32 --sweep fused --budget-s 300 --out $W
+}
+phase_fusedsweep0() {  # pi0's 51 rows (48-token prompt): the fused step against the per-op kernels it now runs, with the sweep
+  python3 scripts/fused_denoise_bench.py --runs "pi0:fused,triton" --prompt-len 48 --sweep fused --budget-s 300 --out $W
 }
 phase_fp8keep() {   # pi0's actions with groups of prefix linears kept in bf16 (tensor scaling)
   python3 scripts/prefix_fp8_experiments.py --config pi0 --no-rowwise --keep-sets qkv+o,qkv+o+gate_up
@@ -94,7 +108,7 @@ phase_pi05profile() {  # pi0.5 on its 32-token bucket alone, 10 steps: pi-run be
   pi05_checkpoint && build all --recipe recipes/pi05_b1.toml --skip export &&
   run bench --recipe recipes/pi05_b1.toml --steps 10 --iters 30 --warmup 5 --no-reference --profile --json $W/bench_pi05_profile.json
 }
-export -f build run one_bucket pi05_checkpoint phase_smoke phase_model phase_batch phase_vision phase_fp8 phase_denoise16 phase_fused16 phase_fusedsweep phase_fp8keep phase_gputests phase_persistent phase_pi05persistent phase_prefixattn phase_pi05profile
+export -f build run one_bucket pi05_checkpoint phase_smoke phase_model phase_batch phase_pi05bucket48 phase_batch16 phase_vision phase_fp8 phase_denoise16 phase_fused16 phase_fusedsweep phase_fusedsweep0 phase_fp8keep phase_gputests phase_persistent phase_pi05persistent phase_prefixattn phase_pi05profile
 export W
 
 case "${1:-}" in
@@ -107,7 +121,7 @@ case "${1:-}" in
       for p in ${PHASES:-smoke pi05 pi0 batch}; do
         echo "=== phase $p $(date +%T)"
         case $p in
-          smoke) phase_smoke ;; pi05) phase_model pi05_libero pi05 10 ;; pi0) phase_model pi0_libero pi0 50 ;; batch) phase_batch ;; vision) phase_vision ;; fp8) phase_fp8 ;; denoise16) phase_denoise16 ;; fused16) phase_fused16 ;; fusedsweep) phase_fusedsweep ;; fp8keep) phase_fp8keep ;; gputests) phase_gputests ;; persistent) phase_persistent ;; pi05persistent) phase_pi05persistent ;; prefixattn) phase_prefixattn ;; pi05profile) phase_pi05profile ;;
+          smoke) phase_smoke ;; pi05) phase_model pi05_libero pi05 10 ;; pi0) phase_model pi0_libero pi0 50 ;; batch) phase_batch ;; batch16) phase_batch16 ;; pi05bucket48) phase_pi05bucket48 ;; vision) phase_vision ;; fp8) phase_fp8 ;; denoise16) phase_denoise16 ;; fused16) phase_fused16 ;; fusedsweep) phase_fusedsweep ;; fusedsweep0) phase_fusedsweep0 ;; fp8keep) phase_fp8keep ;; gputests) phase_gputests ;; persistent) phase_persistent ;; pi05persistent) phase_pi05persistent ;; prefixattn) phase_prefixattn ;; pi05profile) phase_pi05profile ;;
         esac || { echo "=== phase $p FAILED"; break; }
       done; echo "=== done $(date +%T)"' > $W/log 2>&1 < /dev/null &)
     sleep 5; tail -3 $W/log ;;
