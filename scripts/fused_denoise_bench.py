@@ -293,6 +293,19 @@ def run_config(config: str, paths: list[str], args, rate: float, result: dict) -
         module, info = make_path(name, model, shapes)
         compiled = module if args.no_compile else torch.compile(module)
         entry = {"info": info}
+        if args.ncu:  # one step inside the profiler range that `ncu --profile-from-start off` reads; nothing timed
+            with torch.no_grad():
+                inputs = draw_inputs(module, 7, 0)
+                compiled(*inputs)  # compiles and warms up outside the range
+                if DEVICE == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.profiler.start()
+                    compiled(*inputs)
+                    torch.cuda.synchronize()
+                    torch.cuda.profiler.stop()
+            log(f"{config} {name}: one step run inside the profiler range")
+            result["paths"][name] = {"info": info, "ncu": True}
+            continue
         try:
             with torch.no_grad():
                 entry["accuracy"] = accuracy(compiled, ref_model, module, shapes.steps)
@@ -360,6 +373,8 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="folder for bench.json")
     parser.add_argument("--no-compile", action="store_true", help="eager modules (dry runs)")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny configs: check the script, time nothing real")
+    parser.add_argument("--ncu", action="store_true", help="only run one step of each path inside a CUDA profiler range, "
+                        "for `ncu --profile-from-start off` (gpu_round.sh's ncu phase); times nothing")
     args = parser.parse_args()
     global DEVICE
     runs = [(r.split(":")[0], r.split(":")[1].split(",")) for r in args.runs.split()]
@@ -377,7 +392,8 @@ def main() -> None:
         run_config(config, paths, args, rate, results.setdefault(config, {}))
         if args.out:
             Path(args.out, "bench.json").write_text(json.dumps({"copy_rates_tbs": rates, "results": results}, indent=1))
-    print(table(results, rate))
+    if not args.ncu:
+        print(table(results, rate))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@
 #
 # The work runs detached (setsid) so that it outlives one `run` call: call `poll` again within 30 s
 # and the machine stays warm. Carried wheels (.whl: ModelOpt, pydantic, websockets) are installed first.
-# PHASES (default "smoke pi05 pi0 batch"; also "batch16", "pi05bucket48", "vision", "fp8", "denoise16", "fused16", "fusedsweep", "fusedsweep0", "fp8keep", "gputests", "persistent", "pi05persistent", "prefixattn", "pi05profile") picks phases. Checkpoints land where the recipes look for
+# PHASES (default "smoke pi05 pi0 batch"; also "batch16", "pi05bucket48", "vision", "fp8", "denoise16", "fused16", "fusedsweep", "fusedsweep0", "ncu", "fp8keep", "gputests", "persistent", "pi05persistent", "prefixattn", "pi05profile") picks phases. Checkpoints land where the recipes look for
 # them (checkpoints/<name>, relative to the copied code), engines under /tmp/pib/engines.
 set -uo pipefail
 W=/tmp/pib
@@ -76,6 +76,17 @@ phase_fusedsweep() {  # the fused step at batch 1 (pi0.5, 32-token bucket) with 
 phase_fusedsweep0() {  # pi0's 51 rows (48-token prompt): the fused step against the per-op kernels it now runs, with the sweep
   python3 scripts/fused_denoise_bench.py --runs "pi0:fused,triton" --prompt-len 48 --sweep fused --budget-s 300 --out $W
 }
+phase_ncu() {  # Nsight Compute (hardware counters; Firecracker machines) on the first two layers of one step: pi0.5's
+               # fused kernels, then pi0's fused and per-op kernels; stall reasons, occupancy, memory, as CSV
+  local sections="--section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis"
+  ncu --clock-control none --profile-from-start off --kernel-name regex:'_norm_gemm|_residual_gemm|_attention_kernel' --launch-count 10 \
+      $sections --csv --page details --log-file $W/ncu_pi05_fused.csv \
+      python3 scripts/fused_denoise_bench.py --runs "pi05:fused" --prompt-len 32 --ncu --budget-s 200 &&
+  ncu --clock-control none --profile-from-start off --kernel-name regex:'_norm_gemm|_residual_gemm|_attention_kernel|_skinny_mm|_few_query_attn|_combine_splits' \
+      --launch-count 22 $sections --csv --page details --log-file $W/ncu_pi0.csv \
+      python3 scripts/fused_denoise_bench.py --runs "pi0:fused,triton" --prompt-len 48 --ncu --budget-s 200
+  wc -l $W/ncu_*.csv
+}
 phase_fp8keep() {   # pi0's actions with groups of prefix linears kept in bf16 (tensor scaling)
   python3 scripts/prefix_fp8_experiments.py --config pi0 --no-rowwise --keep-sets qkv+o,qkv+o+gate_up
 }
@@ -108,7 +119,7 @@ phase_pi05profile() {  # pi0.5 on its 32-token bucket alone, 10 steps: pi-run be
   pi05_checkpoint && build all --recipe recipes/pi05_b1.toml --skip export &&
   run bench --recipe recipes/pi05_b1.toml --steps 10 --iters 30 --warmup 5 --no-reference --profile --json $W/bench_pi05_profile.json
 }
-export -f build run one_bucket pi05_checkpoint phase_smoke phase_model phase_batch phase_pi05bucket48 phase_batch16 phase_vision phase_fp8 phase_denoise16 phase_fused16 phase_fusedsweep phase_fusedsweep0 phase_fp8keep phase_gputests phase_persistent phase_pi05persistent phase_prefixattn phase_pi05profile
+export -f build run one_bucket pi05_checkpoint phase_smoke phase_model phase_batch phase_pi05bucket48 phase_batch16 phase_vision phase_fp8 phase_denoise16 phase_fused16 phase_fusedsweep phase_fusedsweep0 phase_ncu phase_fp8keep phase_gputests phase_persistent phase_pi05persistent phase_prefixattn phase_pi05profile
 export W
 
 case "${1:-}" in
@@ -121,7 +132,7 @@ case "${1:-}" in
       for p in ${PHASES:-smoke pi05 pi0 batch}; do
         echo "=== phase $p $(date +%T)"
         case $p in
-          smoke) phase_smoke ;; pi05) phase_model pi05_libero pi05 10 ;; pi0) phase_model pi0_libero pi0 50 ;; batch) phase_batch ;; batch16) phase_batch16 ;; pi05bucket48) phase_pi05bucket48 ;; vision) phase_vision ;; fp8) phase_fp8 ;; denoise16) phase_denoise16 ;; fused16) phase_fused16 ;; fusedsweep) phase_fusedsweep ;; fusedsweep0) phase_fusedsweep0 ;; fp8keep) phase_fp8keep ;; gputests) phase_gputests ;; persistent) phase_persistent ;; pi05persistent) phase_pi05persistent ;; prefixattn) phase_prefixattn ;; pi05profile) phase_pi05profile ;;
+          smoke) phase_smoke ;; pi05) phase_model pi05_libero pi05 10 ;; pi0) phase_model pi0_libero pi0 50 ;; batch) phase_batch ;; batch16) phase_batch16 ;; pi05bucket48) phase_pi05bucket48 ;; vision) phase_vision ;; fp8) phase_fp8 ;; denoise16) phase_denoise16 ;; fused16) phase_fused16 ;; fusedsweep) phase_fusedsweep ;; fusedsweep0) phase_fusedsweep0 ;; ncu) phase_ncu ;; fp8keep) phase_fp8keep ;; gputests) phase_gputests ;; persistent) phase_persistent ;; pi05persistent) phase_pi05persistent ;; prefixattn) phase_prefixattn ;; pi05profile) phase_pi05profile ;;
         esac || { echo "=== phase $p FAILED"; break; }
       done; echo "=== done $(date +%T)"' > $W/log 2>&1 < /dev/null &)
     sleep 5; tail -3 $W/log ;;
@@ -129,6 +140,6 @@ case "${1:-}" in
     deadline=$((SECONDS + ${2:-560}))
     while [ $SECONDS -lt $deadline ] && ! grep -q "^=== done" $W/log; do sleep 5; done
     grep -v "Warning\|warn(\|return cls\|DEBUG\|warnings.warn" $W/log | tail -120
-    mkdir -p "${OUT:-/tmp/out}" && cp $W/*.json $W/*.png $W/gpu.txt $W/log "${OUT:-/tmp/out}/" 2>/dev/null; true ;;
+    mkdir -p "${OUT:-/tmp/out}" && cp $W/*.json $W/*.png $W/*.csv $W/gpu.txt $W/log "${OUT:-/tmp/out}/" 2>/dev/null; true ;;
   *) echo "usage: bash scripts/gpu_round.sh start|poll [seconds]" >&2; exit 2 ;;
 esac
