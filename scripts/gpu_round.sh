@@ -8,7 +8,7 @@
 #
 # The work runs detached (setsid) so that it outlives one `run` call: call `poll` again within 30 s
 # and the machine stays warm. Carried wheels (.whl: ModelOpt, pydantic, websockets) are installed first.
-# PHASES (default "smoke pi05 pi0 batch"; also "batch16", "pi05bucket48", "vision", "fp8", "denoise16", "fused16", "fusedsweep", "fusedsweep0", "ncu", "fp8keep", "gputests", "persistent", "pi05persistent", "prefixattn", "pi05profile") picks phases. Checkpoints land where the recipes look for
+# PHASES (default "smoke pi05 pi0 batch"; also "batch16", "pi05bucket48", "vision", "fp8", "denoise16", "fused16", "fusedsweep", "fusedsweep0", "ncu", "fp8keep", "gputests", "persistent", "pi05persistent", "prefixattn", "prefixmlp", "pi05profile") picks phases. Checkpoints land where the recipes look for
 # them (checkpoints/<name>, relative to the copied code), engines under /tmp/pib/engines.
 set -uo pipefail
 W=/tmp/pib
@@ -114,12 +114,22 @@ import json; r = json.load(open('$W/prefix_attention.json'))['shapes']['batch 1,
 raise SystemExit(0 if r['triton']['ms'] < r['library (RoPE + SDPA)']['ms'] else 1)" ||
     { echo "the prefix attention kernel lost: later phases keep SDPA"; export PI_BUILD_PREFIX_ATTENTION=library; }
 }
+phase_prefixmlp() {  # the prefix's FP8 MLP: cuBLASLt + Inductor against kernels.Fp8GeluMlp with a tile sweep;
+                     # later phases build with the kernel (PI_BUILD_PREFIX_MLP=triton) if it won at 544 rows
+  timeout 200 python3 -m pytest -q -x tests/test_kernels.py -k gpu -p no:cacheprovider &&
+  timeout 330 python3 scripts/prefix_mlp_bench.py --budget-s 240 --out $W || return 1
+  python3 -c "
+import json; r = json.load(open('$W/prefix_mlp.json'))['shapes']['544 rows']
+raise SystemExit(0 if r['triton (Fp8GeluMlp)']['us_per_layer'] < r['library (cuBLASLt + Inductor)']['us_per_layer'] else 1)" &&
+    { echo "the FP8 MLP kernel won: later phases build with it"; export PI_BUILD_PREFIX_MLP=triton; } ||
+    echo "the FP8 MLP kernel lost: later phases keep the library MLP"
+}
 phase_pi05profile() {  # pi0.5 on its 32-token bucket alone, 10 steps: pi-run bench --profile (where each component's time goes)
   one_bucket > recipes/pi05_b1.toml
   pi05_checkpoint && build all --recipe recipes/pi05_b1.toml --skip export &&
   run bench --recipe recipes/pi05_b1.toml --steps 10 --iters 30 --warmup 5 --no-reference --profile --json $W/bench_pi05_profile.json
 }
-export -f build run one_bucket pi05_checkpoint phase_smoke phase_model phase_batch phase_pi05bucket48 phase_batch16 phase_vision phase_fp8 phase_denoise16 phase_fused16 phase_fusedsweep phase_fusedsweep0 phase_ncu phase_fp8keep phase_gputests phase_persistent phase_pi05persistent phase_prefixattn phase_pi05profile
+export -f build run one_bucket pi05_checkpoint phase_smoke phase_model phase_batch phase_pi05bucket48 phase_batch16 phase_vision phase_fp8 phase_denoise16 phase_fused16 phase_fusedsweep phase_fusedsweep0 phase_ncu phase_fp8keep phase_gputests phase_persistent phase_pi05persistent phase_prefixattn phase_prefixmlp phase_pi05profile
 export W
 
 case "${1:-}" in
@@ -132,7 +142,7 @@ case "${1:-}" in
       for p in ${PHASES:-smoke pi05 pi0 batch}; do
         echo "=== phase $p $(date +%T)"
         case $p in
-          smoke) phase_smoke ;; pi05) phase_model pi05_libero pi05 10 ;; pi0) phase_model pi0_libero pi0 50 ;; batch) phase_batch ;; batch16) phase_batch16 ;; pi05bucket48) phase_pi05bucket48 ;; vision) phase_vision ;; fp8) phase_fp8 ;; denoise16) phase_denoise16 ;; fused16) phase_fused16 ;; fusedsweep) phase_fusedsweep ;; fusedsweep0) phase_fusedsweep0 ;; ncu) phase_ncu ;; fp8keep) phase_fp8keep ;; gputests) phase_gputests ;; persistent) phase_persistent ;; pi05persistent) phase_pi05persistent ;; prefixattn) phase_prefixattn ;; pi05profile) phase_pi05profile ;;
+          smoke) phase_smoke ;; pi05) phase_model pi05_libero pi05 10 ;; pi0) phase_model pi0_libero pi0 50 ;; batch) phase_batch ;; batch16) phase_batch16 ;; pi05bucket48) phase_pi05bucket48 ;; vision) phase_vision ;; fp8) phase_fp8 ;; denoise16) phase_denoise16 ;; fused16) phase_fused16 ;; fusedsweep) phase_fusedsweep ;; fusedsweep0) phase_fusedsweep0 ;; ncu) phase_ncu ;; fp8keep) phase_fp8keep ;; gputests) phase_gputests ;; persistent) phase_persistent ;; pi05persistent) phase_pi05persistent ;; prefixattn) phase_prefixattn ;; prefixmlp) phase_prefixmlp ;; pi05profile) phase_pi05profile ;;
         esac || { echo "=== phase $p FAILED"; break; }
       done; echo "=== done $(date +%T)"' > $W/log 2>&1 < /dev/null &)
     sleep 5; tail -3 $W/log ;;
