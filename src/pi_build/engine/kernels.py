@@ -109,7 +109,9 @@ def pair_permutation(rows: int, half: int) -> Tensor:
 
 # (token rows, interleaved gate|up columns, K, warps, pipeline stages, row blocks per group) of
 # fp8_gelu_gate_up's programs: 128 x 128 tiles over K steps of 128, as Triton's Hopper FP8 GEMMs
-# start from. Not yet measured on a GPU: scripts/prefix_mlp_bench.py sweeps it against cuBLAS.
+# start from. An offline sm_90 compile (Triton 3.9) gives wgmma products fed by a 4-stage cp.async
+# pipeline (128 KB of shared memory), 163 registers and no spills (128 x 256 tiles spill). Not yet
+# timed on a GPU: scripts/prefix_mlp_bench.py sweeps it against cuBLASLt.
 FP8_GATE_UP_TILES = (128, 128, 128, 8, 4, 8)
 
 
