@@ -373,6 +373,7 @@ def test_kernel_kinds_name_what_a_kernel_does():
     assert kernel_kind("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16") == "attention"
     assert kernel_kind("_prefix_attn") == "attention"
     assert kernel_kind("_norm_gemm_kernel") == "pi-build Triton GEMMs"
+    assert kernel_kind("_fp8_gelu_gate_up") == kernel_kind("pi_build::fp8_gelu_gate_up") == "pi-build Triton GEMMs"
     assert kernel_kind("triton_red_fused__scaled_mm__to_copy_add_clamp_div_mean") == "fused elementwise and norms (Inductor)"
     assert kernel_kind("triton_poi_fused__scaled_dot_product_cudnn_attention_add_cat_expand_mul") == "fused elementwise and norms (Inductor)"
     assert kernel_kind("Memset (Device)") == "memory (copies, memsets)"
