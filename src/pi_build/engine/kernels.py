@@ -1,10 +1,10 @@
 """Triton kernels where the library falls short: the denoise step, where 10-51 tokens make every
-GEMM and attention skinny, and the prefix pass's attention.
+GEMM and attention skinny, and the prefix pass's attention and FP8 MLP.
 
 Why: one denoise step reads the action expert's weights (0.6 GB in bf16) to multiply them with
 10-51 token rows. The library GEMMs (cuBLAS) reach about half of the copy bandwidth at that shape,
 and attention kernels built for many queries occupy one or two multiprocessors (docs/PERFORMANCE.md).
-Two small kernels, each split so that a few hundred programs share the work:
+For the denoise step, two small kernels, each split so that a few hundred programs share the work:
 
 - ``SkinnyLinear`` (``skinny_mm_partials``): y = x W^T + b for M <= 64 rows and a bf16 W. Each
   program multiplies a BLOCK_N slice of W's rows over one K/SPLIT slice and writes float32 partial
@@ -14,11 +14,14 @@ Two small kernels, each split so that a few hundred programs share the work:
   over the cached prefix keys followed by the step's own keys, without concatenating them.
   Programs split the keys (flash-decoding): each writes an unnormalised partial output with its
   row max and row sum; a second kernel merges the splits into the bf16 output.
-- ``prefix_attention``: the prefix pass's attention (flash attention over the keys its mask
+
+For the prefix pass:
+
+- ``prefix_attention``: its attention (flash attention over the keys its mask
   keeps, the query heads folded into rows that share the one KV head, RoPE applied to the
   queries as they load). cuDNN's kernel under SDPA's key mask took 39 us a layer on an H200 at
   pi0.5's 544 tokens, about 13x its FLOP time (docs/PERFORMANCE.md).
-- ``fp8_gelu_gate_up`` (``Fp8GeluMlp``): the prefix pass's FP8 gate|up GEMM with GELU(gate) x up
+- ``fp8_gelu_gate_up`` (``Fp8GeluMlp``): its FP8 gate|up GEMM with GELU(gate) x up
   and the FP8 quantization for the down projection in its epilogue. With the library, gate|up
   writes 2 x mlp bf16 columns (36 MB a layer at 544 tokens) that an elementwise kernel reads back
   to quantize (19 us a layer on an H200); here the tile holds each gate column next to its up
