@@ -81,11 +81,12 @@ phase_ncu() {  # Nsight Compute (hardware counters; Firecracker machines) on the
   local sections="--section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis"
   ncu --clock-control none --profile-from-start off --kernel-name regex:'_norm_gemm|_residual_gemm|_attention_kernel' --launch-count 10 \
       $sections --csv --page details --log-file $W/ncu_pi05_fused.csv \
-      python3 scripts/fused_denoise_bench.py --runs "pi05:fused" --prompt-len 32 --ncu --budget-s 200 &&
+      python3 scripts/fused_denoise_bench.py --runs "pi05:fused" --prompt-len 32 --ncu --budget-s 200
   ncu --clock-control none --profile-from-start off --kernel-name regex:'_norm_gemm|_residual_gemm|_attention_kernel|_skinny_mm|_few_query_attn|_combine_splits' \
       --launch-count 22 $sections --csv --page details --log-file $W/ncu_pi0.csv \
       python3 scripts/fused_denoise_bench.py --runs "pi0:fused,triton" --prompt-len 48 --ncu --budget-s 200
-  wc -l $W/ncu_*.csv
+  wc -l $W/ncu_*.csv || echo "ncu wrote nothing: no hardware counters on this machine? (H200.md: gVisor has none)"
+  return 0  # the round goes on either way
 }
 phase_fp8keep() {   # pi0's actions with groups of prefix linears kept in bf16 (tensor scaling)
   python3 scripts/prefix_fp8_experiments.py --config pi0 --no-rowwise --keep-sets qkv+o,qkv+o+gate_up
