@@ -324,6 +324,25 @@ def test_engine_with_kernels_is_not_an_aoti_package(tmp_path, monkeypatch):
         assert rel_err(engine(*inputs)[0], module(*inputs)) < 1e-2  # bf16: Inductor fuses and rounds differently
 
 
+@pytest.mark.slow
+def test_fp8_mlp_engine_compiles_and_loads(tmp_path, monkeypatch):
+    """An FP8 prefix whose MLPs run the kernel goes through the engine path as a GPU build would:
+    export, Inductor (torch.compile, since the op is Python), load, the same K/V as the module."""
+    from pi_build import backends
+    from pi_build.backends import inductor
+
+    module = tiny_fp8_kvcache("pi05_tiny", True)
+    inputs = module.example_inputs(torch.Generator().manual_seed(0))
+    monkeypatch.setattr(inductor, "aoti_works", lambda device: (True, ""))
+    info = backends.compile_engine(module, inputs, "inductor", tmp_path)
+    assert info["runner"] == "torch.compile" and "pi_build.fp8_gelu_gate_up" in info["aoti_problem"]
+    engine = backends.load_engine(tmp_path, info["runner"], torch.device("cpu"))
+    with torch.no_grad():
+        got, want = engine(*inputs), module(*inputs)
+    for a, b in zip(got[:2], want[:2]):
+        assert rel_err(a, b) < 1e-2  # bf16: Inductor fuses and rounds the norms differently
+
+
 # ----------------------------------------------------------------------------- the Triton code itself
 
 
