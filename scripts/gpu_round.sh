@@ -44,7 +44,8 @@ phase_batch() {   # throughput: pi0.5's engines for batch 1, 4 and 16 (10 steps)
 
 phase_pi05bucket48() {  # pi0.5 with its smallest bucket at 48 tokens (560 prefix rows), where the probe found cuBLAS's FP8
                         # tiles ~14 us a layer faster than at 544 (scripts/prefix_gemm_probe.py); benched like phase pi05
-  sed 's/^prompt_buckets = \[32\]/prompt_buckets = [48]/' recipes/pi05_libero.toml > recipes/pi05_bucket48.toml
+  sed -e 's/^prompt_buckets = \[32\]/prompt_buckets = [48]/' -e 's/^name = "pi05_libero"/name = "pi05_bucket48"/' \
+    recipes/pi05_libero.toml > recipes/pi05_bucket48.toml  # its own model id: its engines stay apart from pi05's
   pi05_checkpoint && build all --recipe recipes/pi05_bucket48.toml --skip export && build denoise --recipe recipes/pi05_bucket48.toml --steps 1 &&
   run bench --recipe recipes/pi05_bucket48.toml --steps 1,10 --profile --json $W/bench_pi05_bucket48.json
 }
