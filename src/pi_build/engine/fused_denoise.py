@@ -424,6 +424,16 @@ if triton is not None:
         tl.store(out_ptr + tok[:, None] * (HQ * D) + h[:, None] * D + d[None, :], to_bf16(out, INTERPRET), mask=row_ok[:, None])
 
     @triton.jit
+    def _cached_block(kc_ptr, vc_ptr, pmask_ptr, j, b, S, skc_b, skc_s, svc_b, svc_s, spm_b, D: tl.constexpr):
+        """Cached keys, values and prefix-mask flags of key block j (zeros and False past the cache)."""
+        d = tl.arange(0, D)
+        in_cache = j < S
+        kc = tl.load(kc_ptr + b * skc_b + j[:, None] * skc_s + d[None, :], mask=in_cache[:, None], other=0.0)
+        vc = tl.load(vc_ptr + b * svc_b + j[:, None] * svc_s + d[None, :], mask=in_cache[:, None], other=0.0)
+        key_ok = tl.load(pmask_ptr + b * spm_b + j, mask=in_cache, other=0) != 0
+        return kc, vc, key_ok
+
+    @triton.jit
     def _attention_block(qkv_ptr, cum_ptr, q, cum_q, row_ok, kc, vc, key_ok, j, row_max, row_sum, acc, S, T, scale, b,
                          HQ: tl.constexpr, D: tl.constexpr, LEAN_KV: tl.constexpr, INTERPRET: tl.constexpr):
         """One block of keys j (cached ones: kc, vc, key_ok loaded) folded into the running row max, row
@@ -477,12 +487,9 @@ if triton is not None:
         """
         d = tl.arange(0, D)
         j = split * (KB * BS) + tl.arange(0, BS)
-        in_cache = j < S
         if SYNC:
             _wait_inputs(SYNC, USE_PDL, bar_ptr, bar_target, do_wait)
-        kc = tl.load(kc_ptr + b * skc_b + j[:, None] * skc_s + d[None, :], mask=in_cache[:, None], other=0.0)
-        vc = tl.load(vc_ptr + b * svc_b + j[:, None] * svc_s + d[None, :], mask=in_cache[:, None], other=0.0)
-        key_ok = tl.load(pmask_ptr + b * spm_b + j, mask=in_cache, other=0) != 0
+        kc, vc, key_ok = _cached_block(kc_ptr, vc_ptr, pmask_ptr, j, b, S, skc_b, skc_s, svc_b, svc_s, spm_b, D)
         if not SYNC:
             _wait_inputs(SYNC, USE_PDL, bar_ptr, bar_target, do_wait)
         NQKV = (HQ + 2) * D
@@ -502,10 +509,7 @@ if triton is not None:
         # came out at 32 registers and 3 KB of spills.
         for blk in tl.static_range(1, KB):
             j = split * (KB * BS) + blk * BS + tl.arange(0, BS)
-            in_cache = j < S
-            kc = tl.load(kc_ptr + b * skc_b + j[:, None] * skc_s + d[None, :], mask=in_cache[:, None], other=0.0)
-            vc = tl.load(vc_ptr + b * svc_b + j[:, None] * svc_s + d[None, :], mask=in_cache[:, None], other=0.0)
-            key_ok = tl.load(pmask_ptr + b * spm_b + j, mask=in_cache, other=0) != 0
+            kc, vc, key_ok = _cached_block(kc_ptr, vc_ptr, pmask_ptr, j, b, S, skc_b, skc_s, svc_b, svc_s, spm_b, D)
             row_max, row_sum, acc = _attention_block(qkv_ptr, cum_ptr, q, cum_q, row_ok, kc, vc, key_ok, j, row_max, row_sum, acc,
                                                      S, T, scale, b, HQ, D, LEAN_KV, INTERPRET)
         first_slot = (b * ROW_BLOCKS + rb) * SPLITS
