@@ -112,24 +112,14 @@ def fp8_gate_up_case(m: int, mlp: int, k: int, seed: int, device: str = "cpu"):
 
 
 def tiny_fp8_kvcache(config: str, fused_mlp: bool):
-    """A tiny bf16 prefix with every linear in tensor-scaled FP8 (amaxes taken from one forward
-    pass, as a calibration would), its MLPs as ``kernels.Fp8GeluMlp`` where asked."""
-    from pi_build.engine.fp8 import apply_fp8
+    """A tiny prefix with every linear in tensor-scaled FP8, calibrated on one draw of its example
+    inputs (fp8.calibrate, as a build does), its MLPs as ``kernels.Fp8GeluMlp`` where asked."""
+    from pi_build.engine.fp8 import apply_fp8, calibrate
 
     model = build_model(get_config(config), dtype=torch.float32, device="cpu", seed=0)
     module = build_component(model, "kvcache", Shapes(cameras=2, prompt_len=16), "fp8")
-    amax: dict[str, float] = {}
-
-    def record(name):
-        return lambda layer, args, out: amax.__setitem__(name, max(amax.get(name, 0.0), args[0].abs().max().item()))
-
-    hooks = [m.register_forward_hook(record(name)) for name, m in module.named_modules() if isinstance(m, torch.nn.Linear)]
-    with torch.no_grad():
-        module(*module.example_inputs(torch.Generator().manual_seed(1)))
-    for hook in hooks:
-        hook.remove()
-    apply_fp8(module, {name: {"input_amax": a, "weight_amax": module.get_submodule(name).weight.abs().max().item()}
-                       for name, a in amax.items()})
+    inputs = module.example_inputs(torch.Generator().manual_seed(1))
+    apply_fp8(module, calibrate(module, lambda m: m(*inputs), keep_high_precision=[]))
     if fused_mlp:
         layers = len(module.layers) - 1  # the last layer computes its K/V only: no MLP
         assert module.use_triton_mlp() == {"mlp": "triton", "fused_mlps": layers}
