@@ -198,8 +198,12 @@ def sweep_candidates(rows: int, fp8: bool, persistent: bool = False) -> list[tup
         out = [("gemm 64x256 w4", dict(tile_rows=64, warps=4))]
     elif rows > fd.ROW_BLOCK:  # several row blocks: fewer K splits write fewer float32 partials
         out = [("gemm 64x256 w8", dict(tile_rows=64, warps=8)), ("gemm 64x512 w8", dict(tile_rows=64, k_slice=512, warps=8))]
-    else:  # default 128x256, 8 warps
+    else:  # default 128x256, 8 warps, one row block of 64
         out = [("gemm 64x256 w8", dict(tile_rows=64, warps=8))]
+        if rows > 32:  # pi0's 51 rows: ncu counted 255 registers and spills in the o/down programs at 64-row
+            # blocks (docs/PERFORMANCE.md); two blocks of 32 in turn hold half the accumulator and activations
+            out += [("gemm rows in blocks of 32", dict(block_m=32)),
+                    ("gemm rows in blocks of 32, attention 32 rows", dict(block_m=32, attn_rows=32))]
     if fp8:
         return out
     # Attention is ~30% of the 10-row step: fewer programs that each take more of the 80 folded
@@ -225,10 +229,12 @@ def sweep(compiled, fused: fd.FusedDenoiseStep, loop_args: tuple, steps: int, bu
         if time.time() - T0 > budget_s:
             log(f"  sweep {label}: skipped (time budget)")
             continue
-        attention = {key: opts.pop(key) for key in ("attn_keys", "attn_rows", "attn_lean_kv", "attn_blocks", "prefetch_l2") if key in opts}
-        attention["persistent"] = fused.persistent
+        # Tiling fields that plan_tiling does not choose are set on its result
+        fields = {key: opts.pop(key) for key in ("block_m", "attn_keys", "attn_rows", "attn_lean_kv", "attn_blocks", "prefetch_l2")
+                  if key in opts}
+        fields["persistent"] = fused.persistent
         tiling = fd.plan_tiling(rows, fused.dims, **opts)
-        fd.TILING_OVERRIDE = fd.Tiling(**{**tiling.__dict__, **attention})
+        fd.TILING_OVERRIDE = fd.Tiling(**{**tiling.__dict__, **fields})
         try:
             ms, spread = timed_loop(compiled, loop_args, steps, rounds=3, iters=10)
             results.append([label, round(ms, 4), round(spread, 4)])

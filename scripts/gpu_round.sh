@@ -8,7 +8,7 @@
 #
 # The work runs detached (setsid) so that it outlives one `run` call: call `poll` again within 30 s
 # and the machine stays warm. Carried wheels (.whl: ModelOpt, pydantic, websockets) are installed first.
-# PHASES (default "smoke pi05 pi0 batch"; also "batch16", "pi05bucket48", "vision", "fp8", "denoise16", "fused16", "fusedsweep", "fusedsweep0", "ncu", "fp8keep", "gputests", "persistent", "pi05persistent", "prefixattn", "prefixmlp", "pi05profile") picks phases. Checkpoints land where the recipes look for
+# PHASES (default "smoke pi05 pi0 batch"; also "batch16", "vision", "fp8", "denoise16", "fused16", "fusedsweep", "fusedsweep0", "ncu", "fp8keep", "gputests", "persistent", "pi05persistent", "prefixattn", "pi05profile") picks phases. Checkpoints land where the recipes look for
 # them (checkpoints/<name>, relative to the copied code), engines under /tmp/pib/engines.
 set -uo pipefail
 W=/tmp/pib
@@ -30,8 +30,8 @@ phase_model() {   # $1 recipe name, $2 config, $3 horizon
   run bench --recipe recipes/$1.toml --steps 1,10 --profile --json $W/bench_$1.json --png $W/bench_$1.png
 }
 
-# The LIBERO prompt runs on the 32-token bucket: the batch and vision recipes build that shape alone.
-one_bucket() { sed -e 's/^prompt_len = 200$/prompt_len = 32/' -e '/^prompt_buckets/d' recipes/pi05_libero.toml; }
+# The LIBERO prompt runs on the 48-token bucket: the batch and vision recipes build that shape alone.
+one_bucket() { sed -e 's/^prompt_len = 200$/prompt_len = 48/' -e '/^prompt_buckets/d' recipes/pi05_libero.toml; }
 pi05_checkpoint() {
   [ -d checkpoints/pi05_libero ] || build checkpoint --config pi05 --horizon 10 --dtype bfloat16 --out checkpoints/pi05_libero
 }
@@ -42,14 +42,7 @@ phase_batch() {   # throughput: pi0.5's engines for batch 1, 4 and 16 (10 steps)
   run bench --recipe recipes/pi05_batches.toml --steps 10 --batch 1,4,16 --no-reference --json $W/bench_batch.json
 }
 
-phase_pi05bucket48() {  # pi0.5 with its smallest bucket at 48 tokens (560 prefix rows), where the probe found cuBLAS's FP8
-                        # tiles ~14 us a layer faster than at 544 (scripts/prefix_gemm_probe.py); benched like phase pi05
-  sed -e 's/^prompt_buckets = \[32\]/prompt_buckets = [48]/' -e 's/^name = "pi05_libero"/name = "pi05_bucket48"/' \
-    recipes/pi05_libero.toml > recipes/pi05_bucket48.toml  # its own model id: its engines stay apart from pi05's
-  pi05_checkpoint && build all --recipe recipes/pi05_bucket48.toml --skip export && build denoise --recipe recipes/pi05_bucket48.toml --steps 1 &&
-  run bench --recipe recipes/pi05_bucket48.toml --steps 1,10 --profile --json $W/bench_pi05_bucket48.json
-}
-phase_batch16() {  # batch 16 alone (10 steps, 32-token bucket): the batched engines benched, no batch 1 or 4 builds
+phase_batch16() {  # batch 16 alone (10 steps, 48-token bucket): the batched engines benched, no batch 1 or 4 builds
   one_bucket | sed 's/^batch = 1$/batch = 16/' > recipes/pi05_b16.toml
   pi05_checkpoint && build all --recipe recipes/pi05_b16.toml --skip export &&
   run bench --recipe recipes/pi05_b16.toml --steps 10 --batch 16 --no-reference --profile --json $W/bench_batch16.json
@@ -66,13 +59,13 @@ phase_fp8() {     # FP8 schemes of the prefix engine (scripts/prefix_fp8_experim
   python3 scripts/prefix_fp8_experiments.py --config pi0 --kinds
 }
 phase_denoise16() {  # one pi0.5 denoise step at batch 16 (160 rows): library against the per-op Triton kernels, kernel lists
-  python3 scripts/denoise_experiments.py --variants library,triton --batch 16 --prompt-len 32
+  python3 scripts/denoise_experiments.py --variants library,triton --batch 16 --prompt-len 48
 }
 phase_fused16() {   # the fused step in 64-row blocks at batch 16 (160 rows) against the per-op Triton kernels, tiling sweep
-  python3 scripts/fused_denoise_bench.py --runs "pi05:fused,triton" --batch 16 --prompt-len 32 --sweep fused --budget-s 300 --out $W
+  python3 scripts/fused_denoise_bench.py --runs "pi05:fused,triton" --batch 16 --prompt-len 48 --sweep fused --budget-s 300 --out $W
 }
-phase_fusedsweep() {  # the fused step at batch 1 (pi0.5, 32-token bucket) with its tiling sweep: attention row blocks of 16/32/64
-  python3 scripts/fused_denoise_bench.py --runs "pi05:fused" --prompt-len 32 --sweep fused --budget-s 300 --out $W
+phase_fusedsweep() {  # the fused step at batch 1 (pi0.5, 48-token bucket) with its tiling sweep: attention row blocks of 16/32/64
+  python3 scripts/fused_denoise_bench.py --runs "pi05:fused" --prompt-len 48 --sweep fused --budget-s 300 --out $W
 }
 phase_fusedsweep0() {  # pi0's 51 rows (48-token prompt): the fused step against the per-op kernels it now runs, with the sweep
   python3 scripts/fused_denoise_bench.py --runs "pi0:fused,triton" --prompt-len 48 --sweep fused --budget-s 300 --out $W
@@ -82,7 +75,7 @@ phase_ncu() {  # Nsight Compute (hardware counters; Firecracker machines) on the
   local sections="--section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis"
   ncu --clock-control none --profile-from-start off --kernel-name regex:'_norm_gemm|_residual_gemm|_attention_kernel' --launch-count 10 \
       $sections --csv --page details --log-file $W/ncu_pi05_fused.csv \
-      python3 scripts/fused_denoise_bench.py --runs "pi05:fused" --prompt-len 32 --ncu --budget-s 200
+      python3 scripts/fused_denoise_bench.py --runs "pi05:fused" --prompt-len 48 --ncu --budget-s 200
   ncu --clock-control none --profile-from-start off --kernel-name regex:'_norm_gemm|_residual_gemm|_attention_kernel|_skinny_mm|_few_query_attn|_combine_splits' \
       --launch-count 22 $sections --csv --page details --log-file $W/ncu_pi0.csv \
       python3 scripts/fused_denoise_bench.py --runs "pi0:fused,triton" --prompt-len 48 --ncu --budget-s 200
@@ -96,7 +89,7 @@ phase_gputests() {  # the fused kernels' checks on the GPU (float64 cases, the p
   timeout 300 python3 -m pytest -q -x tests/test_fused_denoise.py -k gpu -p no:cacheprovider
 }
 phase_persistent() {  # the persistent step (one grid a step) against the five-kernel step and the per-op kernels, its sweep
-  timeout 330 python3 scripts/fused_denoise_bench.py --runs "pi05:fused,persistent pi0:triton,persistent" --prompt-len 32 \
+  timeout 330 python3 scripts/fused_denoise_bench.py --runs "pi05:fused,persistent pi0:triton,persistent" --prompt-len 48 \
     --sweep persistent --budget-s 240 --out $W
 }
 phase_pi05persistent() {  # pi0.5's engines with the persistent step, benched; only if it beat the five-kernel step
@@ -116,25 +109,12 @@ import json; r = json.load(open('$W/prefix_attention.json'))['shapes']['batch 1,
 raise SystemExit(0 if r['triton']['ms'] < r['library (RoPE + SDPA)']['ms'] else 1)" ||
     { echo "the prefix attention kernel lost: later phases keep SDPA"; export PI_BUILD_PREFIX_ATTENTION=library; }
 }
-phase_prefixmlp() {  # the prefix's FP8 MLP: cuBLASLt + Inductor against kernels.Fp8GeluMlp with a tile sweep; later
-                     # phases build with the kernel (PI_BUILD_PREFIX_MLP=triton) if it passed its GPU checks and won at
-                     # 544 rows; either way the round goes on
-  if timeout 200 python3 -m pytest -q -x tests/test_kernels.py -k gpu -p no:cacheprovider &&
-     timeout 400 python3 scripts/prefix_mlp_bench.py --budget-s 300 --out $W &&
-     python3 -c "
-import json; r = json.load(open('$W/prefix_mlp.json'))['shapes']['544 rows']
-raise SystemExit(0 if r['triton (Fp8GeluMlp)']['us_per_layer'] < r['library (cuBLASLt + Inductor)']['us_per_layer'] else 1)"; then
-    echo "the FP8 MLP kernel won: later phases build with it"; export PI_BUILD_PREFIX_MLP=triton
-  else
-    echo "the FP8 MLP kernel failed a check or lost: later phases keep the library MLP"
-  fi
-}
-phase_pi05profile() {  # pi0.5 on its 32-token bucket alone, 10 steps: pi-run bench --profile (where each component's time goes)
+phase_pi05profile() {  # pi0.5 on its 48-token bucket alone, 10 steps: pi-run bench --profile (where each component's time goes)
   one_bucket > recipes/pi05_b1.toml
   pi05_checkpoint && build all --recipe recipes/pi05_b1.toml --skip export &&
   run bench --recipe recipes/pi05_b1.toml --steps 10 --iters 30 --warmup 5 --no-reference --profile --json $W/bench_pi05_profile.json
 }
-export -f build run one_bucket pi05_checkpoint phase_smoke phase_model phase_batch phase_pi05bucket48 phase_batch16 phase_vision phase_fp8 phase_denoise16 phase_fused16 phase_fusedsweep phase_fusedsweep0 phase_ncu phase_fp8keep phase_gputests phase_persistent phase_pi05persistent phase_prefixattn phase_prefixmlp phase_pi05profile
+export -f build run one_bucket pi05_checkpoint phase_smoke phase_model phase_batch phase_batch16 phase_vision phase_fp8 phase_denoise16 phase_fused16 phase_fusedsweep phase_fusedsweep0 phase_ncu phase_fp8keep phase_gputests phase_persistent phase_pi05persistent phase_prefixattn phase_pi05profile
 export W
 
 case "${1:-}" in
@@ -147,7 +127,7 @@ case "${1:-}" in
       for p in ${PHASES:-smoke pi05 pi0 batch}; do
         echo "=== phase $p $(date +%T)"
         case $p in
-          smoke) phase_smoke ;; pi05) phase_model pi05_libero pi05 10 ;; pi0) phase_model pi0_libero pi0 50 ;; batch) phase_batch ;; batch16) phase_batch16 ;; pi05bucket48) phase_pi05bucket48 ;; vision) phase_vision ;; fp8) phase_fp8 ;; denoise16) phase_denoise16 ;; fused16) phase_fused16 ;; fusedsweep) phase_fusedsweep ;; fusedsweep0) phase_fusedsweep0 ;; ncu) phase_ncu ;; fp8keep) phase_fp8keep ;; gputests) phase_gputests ;; persistent) phase_persistent ;; pi05persistent) phase_pi05persistent ;; prefixattn) phase_prefixattn ;; prefixmlp) phase_prefixmlp ;; pi05profile) phase_pi05profile ;;
+          smoke) phase_smoke ;; pi05) phase_model pi05_libero pi05 10 ;; pi0) phase_model pi0_libero pi0 50 ;; batch) phase_batch ;; batch16) phase_batch16 ;; vision) phase_vision ;; fp8) phase_fp8 ;; denoise16) phase_denoise16 ;; fused16) phase_fused16 ;; fusedsweep) phase_fusedsweep ;; fusedsweep0) phase_fusedsweep0 ;; ncu) phase_ncu ;; fp8keep) phase_fp8keep ;; gputests) phase_gputests ;; persistent) phase_persistent ;; pi05persistent) phase_pi05persistent ;; prefixattn) phase_prefixattn ;; pi05profile) phase_pi05profile ;;
         esac || { echo "=== phase $p FAILED"; break; }
       done; echo "=== done $(date +%T)"' > $W/log 2>&1 < /dev/null &)
     sleep 5; tail -3 $W/log ;;

@@ -93,31 +93,6 @@ def test_gpu_builds_switch_the_prefix_attention_to_the_kernel(workspace, monkeyp
     assert switched is None and not module.triton_attention
 
 
-def test_gpu_builds_take_the_fp8_mlp_kernel_only_when_asked(workspace, monkeypatch):
-    """PI_BUILD_PREFIX_MLP=triton (opt-in until an H200 run has measured it) runs an FP8 kvcache's
-    MLPs as kernels.Fp8GeluMlp, and the manifest says how many; without it, or in bf16, the MLPs stay."""
-    from pi_build.build.reference import load_reference
-    from pi_build.build.stages import component_module
-    from pi_build.engine import fp8, kernels
-
-    recipe = load_recipe(workspace["recipe"], {"kvcache.backend": "inductor"})  # the workspace's FP8 kvcache
-    reference = load_reference(recipe)
-    shapes = reference.shapes(recipe)
-    art = artifacts.load_artifact(artifacts.latest_artifact(workspace["engines"], "t", "kvcache-fp8-scales"))
-    scales = fp8.load_scales(art.path / "scales.json")
-    monkeypatch.setattr(kernels, "triton_available", lambda device: True)
-    module, switched = component_module(reference, recipe, "kvcache", scales, shapes)
-    assert switched == {"attention": "library"} and all(block.fused_mlp is None for block in module.layers)  # float32 compute
-    monkeypatch.setenv("PI_BUILD_PREFIX_MLP", "triton")
-    module, switched = component_module(reference, recipe, "kvcache", scales, shapes)
-    mlps = len(module.layers) - 1  # the last layer computes its K/V only
-    assert switched == {"attention": "library", "mlp": "triton", "fused_mlps": mlps}
-    assert sum(isinstance(block.fused_mlp, kernels.Fp8GeluMlp) for block in module.layers) == mlps
-    bf16 = load_recipe(workspace["recipe"], {"kvcache.precision": "bf16", "kvcache.backend": "inductor"})
-    module, switched = component_module(reference, bf16, "kvcache", None, shapes)
-    assert "mlp" not in switched and all(block.fused_mlp is None for block in module.layers)
-
-
 def test_pipeline_matches_reference_actions(workspace):
     model, _ = load_checkpoint(workspace["ckpt"])
     model.cfg = model.cfg.replace(action_horizon=10)
@@ -373,7 +348,6 @@ def test_kernel_kinds_name_what_a_kernel_does():
     assert kernel_kind("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16") == "attention"
     assert kernel_kind("_prefix_attn") == "attention"
     assert kernel_kind("_norm_gemm_kernel") == "pi-build Triton GEMMs"
-    assert kernel_kind("_fp8_gelu_gate_up") == kernel_kind("pi_build::fp8_gelu_gate_up") == "pi-build Triton GEMMs"
     assert kernel_kind("triton_red_fused__scaled_mm__to_copy_add_clamp_div_mean") == "fused elementwise and norms (Inductor)"
     assert kernel_kind("triton_poi_fused__scaled_dot_product_cudnn_attention_add_cat_expand_mul") == "fused elementwise and norms (Inductor)"
     assert kernel_kind("Memset (Device)") == "memory (copies, memsets)"

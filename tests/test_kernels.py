@@ -92,40 +92,6 @@ def skinny_case(m: int, n: int, k: int, seed: int, device: str = "cpu"):
 # ----------------------------------------------------------------------------- pure functions
 
 
-def fp8_gate_up_case(m: int, mlp: int, k: int, seed: int, device: str = "cpu"):
-    """The prefix MLP's first half: an FP8 input and gate|up weight (per-tensor scales, as calibrated),
-    the weight's rows in pair order for the op, and the float64 truth of gelu_tanh(gate) * up."""
-    from pi_build.engine.fp8 import FP8_MAX, quantize_fp8
-
-    g = torch.Generator().manual_seed(seed)
-    h = torch.randn(m, k, generator=g) * 2
-    w = torch.randn(2 * mlp, k, generator=g) * k**-0.5
-    in_scale, w_scale = h.abs().max() / FP8_MAX, w.abs().max() / FP8_MAX
-    x, w8 = quantize_fp8(h, in_scale), quantize_fp8(w, w_scale)
-    acc = (x.double() @ w8.double().T) * (in_scale.double() * w_scale.double())
-    gate, up = acc[:, :mlp], acc[:, mlp:]
-    truth = 0.5 * gate * (1 + torch.tanh(math.sqrt(2 / math.pi) * (gate + 0.044715 * gate**3))) * up
-    out_scale = truth.abs().max().float() / FP8_MAX
-    pairs = w8[kernels.pair_permutation(2 * mlp, mlp)].contiguous()
-    args = (x, pairs, (in_scale * w_scale).float(), out_scale)
-    return tuple(t.to(device) for t in args), truth
-
-
-def tiny_fp8_kvcache(config: str, fused_mlp: bool):
-    """A tiny prefix with every linear in tensor-scaled FP8, calibrated on one draw of its example
-    inputs (fp8.calibrate, as a build does), its MLPs as ``kernels.Fp8GeluMlp`` where asked."""
-    from pi_build.engine.fp8 import apply_fp8, calibrate
-
-    model = build_model(get_config(config), dtype=torch.float32, device="cpu", seed=0)
-    module = build_component(model, "kvcache", Shapes(cameras=2, prompt_len=16), "fp8")
-    inputs = module.example_inputs(torch.Generator().manual_seed(1))
-    apply_fp8(module, calibrate(module, lambda m: m(*inputs), keep_high_precision=[]))
-    if fused_mlp:
-        layers = len(module.layers) - 1  # the last layer computes its K/V only: no MLP
-        assert module.use_triton_mlp() == {"mlp": "triton", "fused_mlps": layers}
-    return module
-
-
 def test_skinny_split_fills_the_chip_and_bounds_the_partials():
     # the pi0.5 expert at 10 rows: K slices of 256, partials under an eighth of the weight bytes
     for n, k in [(2560, 1024), (1024, 2048), (8192, 1024), (1024, 4096)]:
@@ -156,57 +122,6 @@ def test_cpu_ops_match_float64():
     assert rel_err(out, prefix_attention_reference(*case)) < 1e-2
 
 
-def test_fp8_gelu_gate_up_cpu_op_matches_float64():
-    (x, pairs, scale, out_scale), truth = fp8_gate_up_case(40, 48, 64, seed=1)
-    got = kernels.fp8_gelu_gate_up(x, pairs, scale, out_scale)
-    assert got.dtype == torch.float8_e4m3fn and got.shape == (40, 48)
-    err = rel_err(got.float() * out_scale, truth)
-    assert 0 < err < 0.04, err  # the output's own FP8 rounding (3 mantissa bits: ~2-3% relative)
-
-
-def test_fp8_mlp_kernel_in_the_prefix_matches_the_library_path():
-    """The whole tiny FP8 prefix with its MLPs as Fp8GeluMlp (the op's torch path on the CPU) against
-    the same FP8 layers run as separate GEMMs and elementwise ops."""
-    plain, fast = tiny_fp8_kvcache("pi05_tiny", False), tiny_fp8_kvcache("pi05_tiny", True)
-    assert all(not hasattr(block, "gate_up") for block in fast.layers)  # the fused modules hold the weights
-    h = torch.randn(40, plain.cfg.llm.width, generator=torch.Generator().manual_seed(7)).bfloat16()
-    with torch.no_grad():
-        for mine, library in zip(fast.layers[:-1], plain.layers[:-1]):
-            # the same FP8 GEMMs; only the library path's bf16 rounding of gate and up differs
-            assert 0 < rel_err(mine.mlp(h), library.mlp(h)) < 3e-2
-        inputs = plain.example_inputs(torch.Generator().manual_seed(6))
-        got, want = fast(*inputs), plain(*inputs)
-    for a, b in zip(got[:2], want[:2]):  # K and V of every layer (here the MLP's part of the residual
-        assert rel_err(a, b) < 1e-2     # stream is below bf16's resolution, so they match or nearly)
-    assert torch.equal(got[2], want[2])
-
-
-def test_fp8_mlp_kernel_exports_as_one_graph_node():
-    """torch.export keeps the op whole (its fake implementation gives the shape), one per fused MLP."""
-    from pi_build.backends.inductor import export_program
-
-    module = tiny_fp8_kvcache("pi05_tiny", True)
-    program = export_program(module, module.example_inputs(torch.Generator().manual_seed(0)))
-    calls = [n for n in program.graph.nodes if n.op == "call_function" and str(n.target).startswith("pi_build.fp8_gelu_gate_up")]
-    assert len(calls) == len(module.layers) - 1
-
-
-def test_fp8_mlp_kernel_takes_only_tensor_scaled_fp8_layers():
-    model = build_model(get_config("pi05_tiny"), dtype=torch.float32, device="cpu", seed=0)
-    bf16 = build_component(model, "kvcache", Shapes(cameras=2, prompt_len=16), "bf16")
-    assert bf16.use_triton_mlp() == {"mlp": "library", "fused_mlps": 0}
-    fp8 = tiny_fp8_kvcache("pi05_tiny", False)
-    from pi_build.engine.fp8 import Fp8Linear
-
-    block = fp8.layers[0]
-    rowwise = Fp8Linear.rowwise(torch.nn.Linear(64, 256, bias=False))
-    assert not kernels.Fp8GeluMlp.fits(rowwise, block.down) and kernels.Fp8GeluMlp.fits(block.gate_up, block.down)
-    with pytest.raises(TypeError, match="tensor-scaled"):
-        kernels.Fp8GeluMlp(rowwise, block.down)
-    with pytest.raises(ValueError, match="tensor-scaled"):
-        rowwise.forward_quantized(torch.zeros(2, 64, dtype=torch.float8_e4m3fn), torch.bfloat16)
-
-
 def test_ops_refuse_what_they_cannot_compute():
     x, w = skinny_case(10, 64, 64, seed=0)
     with pytest.raises(TypeError, match="bf16"):
@@ -218,11 +133,6 @@ def test_ops_refuse_what_they_cannot_compute():
     q, k, v, cos, sin, key_mask = prefix_attention_case(1, 8, 2, 48, seed=0)
     with pytest.raises(ValueError, match="power of two"):
         kernels.prefix_attention(q, k, v, cos, sin, key_mask)
-    (x8, pairs, scale, out_scale), _ = fp8_gate_up_case(8, 48, 64, seed=0)
-    with pytest.raises(TypeError, match="float8_e4m3fn"):
-        kernels.fp8_gelu_gate_up(x8.float(), pairs, scale, out_scale)
-    with pytest.raises(ValueError, match="multiples of 32"):
-        kernels.fp8_gelu_gate_up(x8[:, :48].contiguous(), pairs[:, :48].contiguous(), scale, out_scale)
 
 
 def test_a_gpu_engine_without_triton_says_what_is_missing(monkeypatch):
@@ -314,35 +224,15 @@ def test_engine_with_kernels_is_not_an_aoti_package(tmp_path, monkeypatch):
         assert rel_err(engine(*inputs)[0], module(*inputs)) < 1e-2  # bf16: Inductor fuses and rounds differently
 
 
-@pytest.mark.slow
-def test_fp8_mlp_engine_compiles_and_loads(tmp_path, monkeypatch):
-    """An FP8 prefix whose MLPs run the kernel goes through the engine path as a GPU build would:
-    export, Inductor (torch.compile, since the op is Python), load, the same K/V as the module."""
-    from pi_build import backends
-    from pi_build.backends import inductor
-
-    module = tiny_fp8_kvcache("pi05_tiny", True)
-    inputs = module.example_inputs(torch.Generator().manual_seed(0))
-    monkeypatch.setattr(inductor, "aoti_works", lambda device: (True, ""))
-    info = backends.compile_engine(module, inputs, "inductor", tmp_path)
-    assert info["runner"] == "torch.compile" and "pi_build.fp8_gelu_gate_up" in info["aoti_problem"]
-    engine = backends.load_engine(tmp_path, info["runner"], torch.device("cpu"))
-    with torch.no_grad():
-        got, want = engine(*inputs), module(*inputs)
-    for a, b in zip(got[:2], want[:2]):
-        assert rel_err(a, b) < 1e-2  # bf16: Inductor fuses and rounds the norms differently
-
-
 # ----------------------------------------------------------------------------- the Triton code itself
 
 
 CHECKS = textwrap.dedent("""
     import json, sys, torch
     sys.path.insert(0, {tests!r})
-    from test_kernels import (attention_case, attention_reference, fp8_gate_up_case, prefix_attention_case,
-                              prefix_attention_reference, skinny_case, rel_err, tiny_denoise, tiny_fp8_kvcache, tiny_kvcache)
+    from test_kernels import (attention_case, attention_reference, prefix_attention_case, prefix_attention_reference,
+                              skinny_case, rel_err, tiny_denoise, tiny_kvcache)
     from pi_build.engine import kernels
-    from pi_build.engine.fp8 import quantize_fp8
     device = {device!r}
     out = {{}}
     for m, n, k in [(1, 64, 64), (10, 256, 1024), (51, 128, 512), (16, 96, 160)]:
@@ -357,13 +247,6 @@ CHECKS = textwrap.dedent("""
         case = prefix_attention_case(b, t, hq, d, seed=t, device=device)
         got = kernels.prefix_attention(*case)
         out[f"prefix {{b}}x{{t}}x{{hq}}x{{d}}"] = [list(got.shape), rel_err(got, prefix_attention_reference(*case))]
-    for m, mlp, k in [(40, 48, 64), (130, 96, 128), (7, 64, 256)]:
-        (x, w, scale, out_scale), truth = fp8_gate_up_case(m, mlp, k, seed=m, device=device)
-        got = kernels.fp8_gelu_gate_up(x, w, scale, out_scale)
-        acc = (x.float() @ w.float().T) * scale  # the op's torch arithmetic, from the same FP8 operands
-        torch_path = quantize_fp8(torch.nn.functional.gelu(acc[:, 0::2], approximate="tanh") * acc[:, 1::2], out_scale)
-        out[f"fp8 gate_up {{m}}x{{mlp}}x{{k}}"] = [list(got.shape), rel_err(got.float().cpu() * out_scale.cpu(), truth)]
-        out[f"fp8 gate_up codes {{m}}x{{mlp}}x{{k}}"] = [list(got.shape), (got.float() != torch_path.float()).float().mean().item()]
     if device == "cpu":  # the whole denoise step with the kernels against the library path
         for config in ("pi05_tiny", "pi0_tiny"):
             plain, _ = tiny_denoise(config, False)
@@ -376,10 +259,6 @@ CHECKS = textwrap.dedent("""
             inputs = plain.example_inputs(torch.Generator().manual_seed(4))
             with torch.no_grad():
                 out[f"kvcache {{config}}"] = [[], max(rel_err(a, b) for a, b in zip(fast(*inputs)[:2], plain(*inputs)[:2]))]
-            plain, fast = tiny_fp8_kvcache(config, False), tiny_fp8_kvcache(config, True)
-            h = torch.randn(40, plain.cfg.llm.width, generator=torch.Generator().manual_seed(8)).bfloat16()
-            with torch.no_grad():
-                out[f"fp8 mlp {{config}}"] = [[], rel_err(fast.layers[0].mlp(h), plain.layers[0].mlp(h))]
     print(json.dumps(out))
 """)
 
@@ -403,16 +282,6 @@ def check_results(results: dict) -> None:
             b, t, hq, d = (int(v) for v in name.split()[1].split("x"))
             assert shape == [b, t, hq * d], name
             assert err < 1e-2, (name, err)  # RoPE'd q and the probabilities in bf16, output rounded to bf16
-        elif name.startswith("fp8 gate_up codes"):
-            m, mlp, _ = (int(v) for v in name.split()[3].split("x"))
-            assert shape == [m, mlp], name
-            assert err < 0.01, (name, err)  # share of FP8 outputs other than the torch path's (interpreter: none)
-        elif name.startswith("fp8 gate_up"):
-            m, mlp, _ = (int(v) for v in name.split()[2].split("x"))
-            assert shape == [m, mlp], name
-            assert err < 0.04, (name, err)  # the output's own FP8 rounding
-        elif name.startswith("fp8 mlp"):
-            assert 0 < err < 3e-2, (name, err)  # the library path rounds gate and up to bf16 first
         elif name.startswith("attention"):
             b, t, s, hq, d = (int(v) for v in name.split()[1].split("x"))
             assert shape == [b, t, hq * d], name
@@ -424,12 +293,12 @@ def check_results(results: dict) -> None:
 @pytest.mark.slow
 def test_triton_kernels_in_the_interpreter():
     results = run_checks("cpu")
-    assert len(results) == 23
+    assert len(results) == 15
     check_results(results)
 
 
 @cuda
 def test_triton_kernels_on_the_gpu():
     results = run_checks("cuda")
-    assert len(results) == 17
+    assert len(results) == 11
     check_results(results)

@@ -98,8 +98,7 @@ def component_module(reference: Reference, recipe: Recipe, component: Component,
     """The component in its recipe precision, FP8 linears made from ``scales``. A denoise step
     compiled by Inductor on a GPU runs pi-build's Triton kernels: the fused step for bf16 and few
     rows, else the per-op kernels; so does the prefix pass's attention (PI_BUILD_PREFIX_ATTENTION=library
-    keeps SDPA, for A/B runs), and with PI_BUILD_PREFIX_MLP=triton its FP8 MLPs (``kernels.Fp8GeluMlp``,
-    opt-in until measured); a bf16 vision tower there pads its MLP and runs fc1's GELU in
+    keeps SDPA, for A/B runs); a bf16 vision tower there pads its MLP and runs fc1's GELU in
     the GEMM's epilogue. Returns the module and what was switched (None: nothing)."""
     from pi_build.engine import fused_denoise, kernels
     from pi_build.engine.fp8 import apply_fp8
@@ -116,12 +115,9 @@ def component_module(reference: Reference, recipe: Recipe, component: Component,
             module, switched = fused_denoise.use_fused_denoise(module.to(reference.device), Precision.BF16, persistent=persistent)
         else:
             switched = module.use_triton_kernels()
-    if component == Component.KVCACHE and spec.backend == Backend.INDUCTOR and kernels.triton_available(reference.device):
-        if os.environ.get("PI_BUILD_PREFIX_ATTENTION", "triton") == "triton":
-            switched = module.use_triton_attention()
-        # The FP8 MLP kernel is opt-in until an H200 run has measured it (scripts/prefix_mlp_bench.py).
-        if spec.precision == Precision.FP8 and os.environ.get("PI_BUILD_PREFIX_MLP", "library") == "triton":
-            switched = {**(switched or {}), **module.use_triton_mlp()}
+    if (component == Component.KVCACHE and spec.backend == Backend.INDUCTOR and kernels.triton_available(reference.device)
+            and os.environ.get("PI_BUILD_PREFIX_ATTENTION", "triton") == "triton"):
+        switched = module.use_triton_attention()
     if (component == Component.VISION and spec.backend == Backend.INDUCTOR and spec.precision == Precision.BF16
             and reference.device.type == "cuda"):
         switched = module.use_gpu_epilogues()

@@ -217,36 +217,27 @@ def emulated_fp8_linear(x: Tensor, weight: Tensor, input_scale: Tensor, weight_s
     F.linear(dequant(x), dequant(w)) + bias up to float32 rounding (exactly so for power-of-two scales),
     and is closer to the hardware than dequantizing into a bf16 input first.
     """
-    return emulated_fp8_gemm(quantize_fp8(x, input_scale), weight, input_scale, weight_scale, bias, x.dtype)
-
-
-def emulated_fp8_gemm(x_fp8: Tensor, weight: Tensor, input_scale: Tensor, weight_scale: Tensor, bias: Tensor | None,
-                      out_dtype: torch.dtype) -> Tensor:
-    """``emulated_fp8_linear`` for an input already quantized with ``input_scale``."""
+    x_fp8 = quantize_fp8(x, input_scale)
     out = F.linear(x_fp8.float(), weight.float()) * (input_scale * weight_scale)
     if bias is not None:
         out = out + bias.float()
-    return out.to(out_dtype)
+    return out.to(x.dtype)
 
 
 def scaled_mm_fp8_linear(x: Tensor, weight: Tensor, input_scale: Tensor, weight_scale: Tensor, bias: Tensor | None) -> Tensor:
-    """The real FP8 GEMM: ``torch._scaled_mm`` (cuBLASLt) on CUDA, compute capability >= 8.9."""
-    return scaled_mm_fp8_gemm(quantize_fp8(x, input_scale), weight, input_scale, weight_scale, bias, x.dtype)
-
-
-def scaled_mm_fp8_gemm(x_fp8: Tensor, weight: Tensor, input_scale: Tensor, weight_scale: Tensor, bias: Tensor | None,
-                       out_dtype: torch.dtype) -> Tensor:
-    """``scaled_mm_fp8_linear`` for an input already quantized with ``input_scale``.
+    """The real FP8 GEMM: ``torch._scaled_mm`` (cuBLASLt) on CUDA, compute capability >= 8.9.
 
     _scaled_mm takes 2-D operands, the first row-major and the second column-major (w.t() of a
     row-major [out, in] weight is), with K and N multiples of 16; tensor-wise scales are float32
     scalars. Its fused bias must be in the output dtype and is refused for float32 output, where it
     is added afterwards.
     """
-    lead, k = x_fp8.shape[:-1], x_fp8.shape[-1]
+    lead, k = x.shape[:-1], x.shape[-1]
+    x_fp8 = quantize_fp8(x.reshape(-1, k), input_scale).contiguous()
+    out_dtype = x.dtype
     fuse_bias = bias is not None and out_dtype in (torch.bfloat16, torch.float16)
     out = torch._scaled_mm(
-        x_fp8.reshape(-1, k).contiguous(),
+        x_fp8,
         weight.t(),
         scale_a=input_scale,
         scale_b=weight_scale,
@@ -345,15 +336,8 @@ class Fp8Linear(nn.Module):
         if self.input_scale is None:
             linear = scaled_mm_rowwise_fp8_linear if real else emulated_rowwise_fp8_linear
             return linear(x, self.weight, self.weight_scale, self.bias)
-        return self.forward_quantized(quantize_fp8(x, self.input_scale), x.dtype)
-
-    def forward_quantized(self, x_fp8: Tensor, out_dtype: torch.dtype) -> Tensor:
-        """The layer on an input already quantized with its ``input_scale`` (tensor scaling): what a
-        kernel that writes FP8 (``kernels.Fp8GeluMlp``) hands on without a round trip through bf16."""
-        if self.input_scale is None:
-            raise ValueError("forward_quantized needs a tensor-scaled Fp8Linear (row-wise layers quantize each input row themselves)")
-        gemm = scaled_mm_fp8_gemm if has_fp8_gemm(x_fp8.device) else emulated_fp8_gemm
-        return gemm(x_fp8, self.weight, self.input_scale, self.weight_scale, self.bias, out_dtype)
+        linear = scaled_mm_fp8_linear if real else emulated_fp8_linear
+        return linear(x, self.weight, self.input_scale, self.weight_scale, self.bias)
 
     def extra_repr(self) -> str:
         head = f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

@@ -1,5 +1,5 @@
 """Triton kernels where the library falls short: the denoise step, where 10-51 tokens make every
-GEMM and attention skinny, and the prefix pass's attention and FP8 MLP.
+GEMM and attention skinny, and the prefix pass's attention.
 
 Why: one denoise step reads the action expert's weights (0.6 GB in bf16) to multiply them with
 10-51 token rows. The library GEMMs (cuBLAS) reach about half of the copy bandwidth at that shape,
@@ -21,11 +21,6 @@ For the prefix pass:
   keeps, the query heads folded into rows that share the one KV head, RoPE applied to the
   queries as they load). cuDNN's kernel under SDPA's key mask took 39 us a layer on an H200 at
   pi0.5's 544 tokens, about 13x its FLOP time (docs/PERFORMANCE.md).
-- ``fp8_gelu_gate_up`` (``Fp8GeluMlp``): its FP8 gate|up GEMM with GELU(gate) x up
-  and the FP8 quantization for the down projection in its epilogue. With the library, gate|up
-  writes 2 x mlp bf16 columns (36 MB a layer at 544 tokens) that an elementwise kernel reads back
-  to quantize (19 us a layer on an H200); here the tile holds each gate column next to its up
-  column (``pair_permutation``) and only the FP8 hidden units (9 MB) are written.
 
 All run as ``torch.library`` custom ops so that torch.export keeps them as single graph nodes,
 torch.compile calls them and a CUDA graph captures their launches. On the CPU the ops compute
@@ -40,9 +35,7 @@ import os
 import torch
 from torch import Tensor, nn
 
-from pi_build.engine.fp8 import Fp8Linear, quantize_fp8
 from pi_build.engine.layers import apply_rope
-from pi_build.spec import Fp8Scaling
 
 try:
     import triton
@@ -110,20 +103,6 @@ def pair_permutation(rows: int, half: int) -> Tensor:
     return torch.stack([base, base + half], dim=1).reshape(-1)
 
 
-# (token rows, interleaved gate|up columns, K, warps, pipeline stages, row blocks per group) of
-# fp8_gelu_gate_up's programs: 128 x 128 tiles over K steps of 128, as Triton's Hopper FP8 GEMMs
-# start from. An offline sm_90 compile (Triton 3.9) gives wgmma products fed by a 4-stage cp.async
-# pipeline (128 KB of shared memory), 163 registers and no spills (128 x 256 tiles spill). Not yet
-# timed on a GPU: scripts/prefix_mlp_bench.py sweeps it against cuBLASLt.
-FP8_GATE_UP_TILES = (128, 128, 128, 8, 4, 8)
-
-
-def fp8_gelu_gate_up_supported(mlp: int, k: int) -> bool:
-    """Shapes the kernel takes: gate|up's 2 x mlp rows and K in multiples of 32 (its smallest tile;
-    an FP8 tensor-core product takes K in steps of 32)."""
-    return mlp % 16 == 0 and k % 32 == 0
-
-
 # ----------------------------------------------------------------------------- Triton kernels
 
 if triton is not None:
@@ -148,54 +127,10 @@ if triton is not None:
         return x.to(tl.bfloat16)
 
     @triton.jit
-    def to_fp8(x, INTERPRET: tl.constexpr):
-        """float32 (within +-448) -> float8_e4m3fn, rounding to nearest even. The interpreter's cast
-        truncates, like its bf16 one, so there the value is rounded onto e4m3's grid first: 3 mantissa
-        bits for normal values, steps of 2^-9 below 2^-6 (adding and taking away 1.5 x 2^14, whose
-        float32 neighbours are 2^-9 apart)."""
-        if INTERPRET:
-            bits = x.to(tl.int32, bitcast=True)
-            normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576).to(tl.float32, bitcast=True)
-            x = tl.where(tl.abs(x) < 0.015625, (x + 24576.0) - 24576.0, normal)
-        return x.to(tl.float8e4nv)
-
-    @triton.jit
     def _gelu_tanh(x):
         # tanh(u) = 1 - 2 / (1 + exp(2u)): saturates correctly at both ends, float32 throughout
         u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
         return 0.5 * x * (2.0 - 2.0 / (1.0 + tl.exp(2.0 * u)))
-
-    @triton.jit
-    def _fp8_gelu_gate_up(x_ptr, w_ptr, out_ptr, scale_ptr, out_scale_ptr, M, K, N2,
-                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                          FP8_MAX: tl.constexpr, INTERPRET: tl.constexpr):
-        """out [M, N2/2] fp8 = quantize(gelu_tanh(gate) * up, out_scale), gate|up = x [M, K] @ w [N2, K]^T
-        times scale, with w's rows in ``pair_permutation`` order (gate j, then up j)."""
-        pid = tl.program_id(0)
-        row_blocks = tl.cdiv(M, BM)
-        col_blocks = N2 // BN
-        # The programs of a group take GROUP_M row blocks of one column block in turn: they read
-        # the same weight tile at about the same time, so it comes from HBM once, then from L2.
-        in_group = GROUP_M * col_blocks
-        first_row_block = (pid // in_group) * GROUP_M
-        group_rows = tl.minimum(row_blocks - first_row_block, GROUP_M)
-        pid_m = first_row_block + (pid % in_group) % group_rows
-        pid_n = (pid % in_group) // group_rows
-        rm = pid_m * BM + tl.arange(0, BM)
-        rows = tl.minimum(rm, M - 1)  # the last block's extra rows re-read row M-1: no masked fp8 loads
-        rn = pid_n * BN + tl.arange(0, BN)
-        rk = tl.arange(0, BK)
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for k0 in range(0, K, BK):
-            a = tl.load(x_ptr + rows[:, None] * K + (k0 + rk)[None, :])
-            b = tl.load(w_ptr + rn[None, :] * K + (k0 + rk)[:, None])  # [BK, BN]: K-major, as FP8 MMAs need
-            acc += mma(a, b, INTERPRET)
-        acc = acc * tl.load(scale_ptr)
-        gate, up = tl.split(tl.reshape(acc, (BM, BN // 2, 2)))
-        hidden = _gelu_tanh(gate) * up / tl.load(out_scale_ptr)
-        hidden = tl.minimum(tl.maximum(hidden, -FP8_MAX), FP8_MAX)  # saturate: a plain cast gives NaN on CUDA
-        cols = pid_n * (BN // 2) + tl.arange(0, BN // 2)
-        tl.store(out_ptr + rm[:, None] * (N2 // 2) + cols[None, :], to_fp8(hidden, INTERPRET), mask=rm[:, None] < M)
 
     @triton.jit
     def _skinny_mm(x_ptr, w_ptr, out_ptr, M, N, stride_xm, stride_wn,
@@ -387,20 +322,6 @@ def _launch_prefix_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: 
     return out
 
 
-def _launch_fp8_gelu_gate_up(x: Tensor, weight: Tensor, scale: Tensor, out_scale: Tensor,
-                             tiles: tuple[int, int, int, int, int, int] | None = None) -> Tensor:
-    m, k = x.shape
-    n2 = weight.shape[0]
-    block_m, block_n, block_k, warps, stages, group_m = tiles or FP8_GATE_UP_TILES
-    block_n, block_k = _largest_block(n2, block_n), _largest_block(k, block_k)  # small models: smaller tiles
-    out = torch.empty(m, n2 // 2, dtype=x.dtype, device=x.device)
-    grid = (-(-m // block_m) * (n2 // block_n),)
-    _fp8_gelu_gate_up[grid](x, weight, out, scale, out_scale, m, k, n2, BM=block_m, BN=block_n, BK=block_k,
-                            GROUP_M=group_m, FP8_MAX=torch.finfo(x.dtype).max, INTERPRET=INTERPRET,
-                            **({} if INTERPRET else {"num_warps": warps, "num_stages": stages}))
-    return out
-
-
 # ----------------------------------------------------------------------------- the custom ops
 
 
@@ -496,33 +417,6 @@ def _(q, k, v, cos, sin, key_mask):
     return q.new_empty(b, t, hq * d)
 
 
-@torch.library.custom_op("pi_build::fp8_gelu_gate_up", mutates_args=())
-def fp8_gelu_gate_up(x: Tensor, weight: Tensor, scale: Tensor, out_scale: Tensor) -> Tensor:
-    """The prefix MLP's first half in FP8: quantize(gelu_tanh(gate) * up, out_scale) -> [M, N2 / 2].
-
-    x [M, K] float8_e4m3fn (the normalized hidden state, quantized with gate|up's input scale);
-    weight [N2, K] float8_e4m3fn, gate|up's rows in ``pair_permutation`` order (gate j at row 2j, up
-    j at 2j + 1); scale a float32 scalar, input scale x weight scale; out_scale the down
-    projection's input scale. The GEMM accumulates in float32 and GELU x up runs on the scaled
-    accumulator, without the bf16 rounding of gate and up that the library path has in between.
-    """
-    _check_last_dim_contiguous("fp8_gelu_gate_up", x, weight)
-    if x.dtype != torch.float8_e4m3fn or weight.dtype != torch.float8_e4m3fn:
-        raise TypeError(f"fp8_gelu_gate_up takes float8_e4m3fn x and weight, got {x.dtype} and {weight.dtype}")
-    if not fp8_gelu_gate_up_supported(weight.shape[0] // 2, x.shape[1]):
-        raise ValueError(f"fp8_gelu_gate_up: gate|up's rows ({weight.shape[0]}) and K ({x.shape[1]}) must be multiples of 32")
-    if _use_triton("fp8_gelu_gate_up", x.device):
-        return _launch_fp8_gelu_gate_up(x, weight, scale, out_scale)
-    acc = (x.float() @ weight.float().T) * scale
-    hidden = torch.nn.functional.gelu(acc[:, 0::2], approximate="tanh") * acc[:, 1::2]
-    return quantize_fp8(hidden, out_scale)
-
-
-@fp8_gelu_gate_up.register_fake
-def _(x, weight, scale, out_scale):
-    return x.new_empty(x.shape[0], weight.shape[0] // 2)
-
-
 # ----------------------------------------------------------------------------- what the model calls
 
 
@@ -561,36 +455,3 @@ def use_skinny_linears(module: nn.Module, names: list[str], rows: int) -> list[s
         setattr(module.get_submodule(parent), child, SkinnyLinear(layer))
         replaced.append(name)
     return replaced
-
-
-class Fp8GeluMlp(nn.Module):
-    """A Gemma MLP of two tensor-scaled ``fp8.Fp8Linear`` layers (gate|up, down) as two GEMMs: the
-    input quantized for gate|up, ``fp8_gelu_gate_up`` (its epilogue writes down's FP8 input), then
-    down on that input (``Fp8Linear.forward_quantized``). It keeps gate|up's weight rows in
-    ``pair_permutation`` order and down itself; the original gate|up layer can be dropped."""
-
-    def __init__(self, gate_up: Fp8Linear, down: Fp8Linear):
-        super().__init__()
-        if not self.fits(gate_up, down):
-            raise TypeError("Fp8GeluMlp takes two tensor-scaled Fp8Linear layers, gate|up without a bias, "
-                            "with its rows and K in multiples of 32")
-        mlp = gate_up.out_features // 2
-        order = pair_permutation(2 * mlp, mlp).to(gate_up.weight.device)
-        # rows reordered as bytes: indexing is defined for uint8 everywhere, for float8 not on every device
-        self.register_buffer("weight", gate_up.weight.view(torch.uint8)[order].view(gate_up.weight.dtype).contiguous())
-        self.register_buffer("input_scale", gate_up.input_scale)
-        self.register_buffer("scale", gate_up.input_scale * gate_up.weight_scale)
-        self.down = down
-
-    @staticmethod
-    def fits(gate_up: nn.Module, down: nn.Module) -> bool:
-        """Whether these two layers can run as one: tensor-scaled FP8, no gate|up bias, shapes in 32-blocks."""
-        return (isinstance(gate_up, Fp8Linear) and isinstance(down, Fp8Linear) and gate_up.scaling == Fp8Scaling.TENSOR
-                and down.scaling == Fp8Scaling.TENSOR and gate_up.bias is None
-                and fp8_gelu_gate_up_supported(gate_up.out_features // 2, gate_up.in_features))
-
-    def forward(self, h: Tensor) -> Tensor:
-        lead, k = h.shape[:-1], h.shape[-1]
-        x = quantize_fp8(h.reshape(-1, k), self.input_scale)
-        hidden = fp8_gelu_gate_up(x, self.weight, self.scale, self.down.input_scale)
-        return self.down.forward_quantized(hidden, h.dtype).reshape(*lead, -1)

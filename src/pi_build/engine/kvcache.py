@@ -54,19 +54,6 @@ class KVCacheComponent(nn.Module):
                                  and kernels.prefix_attention_supported(llm.head_dim))
         return {"attention": "triton" if self.triton_attention else "library"}
 
-    def use_triton_mlp(self) -> dict:
-        """Run each MLP of tensor-scaled FP8 layers as ``kernels.Fp8GeluMlp``: gate|up with GELU x up
-        and the quantization for down in its epilogue (a Triton kernel), then down. Call after
-        ``fp8.apply_fp8``; layers of another kind keep the library path. Returns what was switched,
-        for the manifest."""
-        switched = 0
-        for block in self.layers:
-            if hasattr(block, "gate_up") and kernels.Fp8GeluMlp.fits(block.gate_up, block.down):
-                block.fused_mlp = kernels.Fp8GeluMlp(block.gate_up, block.down)
-                del block.gate_up, block.down  # the fused module holds the (permuted) weights now
-                switched += 1
-        return {"mlp": "triton" if switched else "library", "fused_mlps": switched}
-
     def example_inputs(self, generator: torch.Generator) -> tuple[Tensor, ...]:
         s, cfg = self.spec, self.cfg
         image_tokens = torch.randn(s.batch, s.cameras * self.image_tokens, cfg.llm.width, generator=generator).to(s.image_token_dtype)

@@ -130,14 +130,11 @@ class GemmaBlock(nn.Module):
             self.down = copy_linear(mlp.down_proj, dtype)
         self.q_width = attn.q_proj.out_features
         self.kv_width = attn.k_proj.out_features
-        self.fused_mlp: nn.Module | None = None  # the whole MLP as one module (kernels.Fp8GeluMlp), when set
 
     def project_qkv(self, h: Tensor, head_dim: int) -> tuple[Tensor, Tensor, Tensor]:
         q, k, v = self.qkv(h).split([self.q_width, self.kv_width, self.kv_width], dim=-1)
         return (y.unflatten(-1, (-1, head_dim)).transpose(1, 2) for y in (q, k, v))
 
     def mlp(self, h: Tensor) -> Tensor:
-        if self.fused_mlp is not None:
-            return self.fused_mlp(h)
         gate, up = self.gate_up(h).chunk(2, dim=-1)
         return self.down(F.gelu(gate, approximate="tanh") * up)

@@ -93,7 +93,7 @@ def graph_replay_ms(fn: Callable[[], object], *, iters: int = 50, rounds: int = 
 KERNEL_KINDS = (  # Inductor's kernels first: their names list every op they fused ("..._attention_add_cat...")
     ("fused elementwise and norms (Inductor)", ("triton_poi", "triton_red", "triton_per")),
     ("attention", ("attn", "attention", "sdpa", "flash", "fmha")),
-    ("pi-build Triton GEMMs", ("_norm_gemm", "_residual_gemm", "_skinny_mm", "_persistent_layers", "fp8_gelu_gate_up")),
+    ("pi-build Triton GEMMs", ("_norm_gemm", "_residual_gemm", "_skinny_mm", "_persistent_layers")),
     ("library GEMMs", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "aten::mm", "aten::addmm", "aten::bmm",
                        "aten::_scaled_mm", "aten::_addmm_activation", "aten::linear", "aten::matmul", "convolution")),
     ("memory (copies, memsets)", ("memset", "memcpy", "aten::copy_", "aten::cat", "aten::stack", "aten::fill_", "aten::zero_")),
