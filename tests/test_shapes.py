@@ -1,10 +1,13 @@
 """Engines for several batch sizes and prompt buckets: built per shape, chosen per request, exact."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
 from pi_build import artifacts
+from pi_build.cli.run import app as run_app
 from pi_build.errors import InputError
 from pi_build.model.checkpoints import load_checkpoint
 from pi_build.model.pi0 import ModelInputs
@@ -13,7 +16,7 @@ from pi_build.runtime.pipeline import load_pipeline, load_pipelines
 from pi_build.runtime.policy import load_policy
 from pi_build.transforms.libero import load_recorded_observations
 
-from conftest import built_engines
+from conftest import built_engines, invoke
 
 @pytest.fixture(scope="module")
 def shaped(workspace):
@@ -75,3 +78,18 @@ def test_policy_runs_the_smallest_shape_that_holds_a_batch(shaped):
     with pytest.raises(InputError, match="prompt too long"):
         policy.prepare(long_prompt)
     assert policy.bucket(torch.ones(1, 17, dtype=torch.bool)) == 48
+
+
+def test_bench_times_the_bucket_that_holds_the_prompt_length(shaped, workspace, tmp_path):
+    """`pi-run bench --prompt-len N` times N prompt tokens on the smallest bucket that holds them and
+    says which; a length beyond the recipe's prompt gets a one-line error, not a traceback."""
+    recipe, engines = built_engines(workspace, "s", "batch = [1, 2]\nprompt_buckets = [16, 48]")
+    out = tmp_path / "bench.json"
+    result = invoke(run_app, ["bench", "--recipe", recipe, "--engines", engines, "--batch", "1", "--prompt-len", "30",
+                              "--iters", "2", "--warmup", "0", "--no-reference", "--json", out])
+    assert result.exit_code == 0, result.output
+    (entry,) = json.loads(out.read_text())["runs"]
+    assert (entry["prompt_tokens"], entry["bucket"], entry["batch"]) == (30, 48, 1)
+    assert "a 30-token prompt on the 48-token bucket" in " ".join(result.output.split())
+    too_long = invoke(run_app, ["bench", "--recipe", recipe, "--engines", engines, "--prompt-len", "201", "--no-reference"])
+    assert too_long.exit_code == 1 and "--prompt-len 201" in too_long.output and "Traceback" not in too_long.output

@@ -119,7 +119,8 @@ def run_bench(recipe: Recipe, engines: Path, step_counts: list[int] | None, *, i
                          f"build one with `pi-build denoise --recipe {recipe.path or '<recipe>'}`")
     batch_sizes = batch_sizes or list(recipe.model.batch)
     if prompt_tokens is not None and prompt_tokens > recipe.model.prompt_len:
-        raise InputError(f"--prompt-len {prompt_tokens} is longer than the recipe's model.prompt_len {recipe.model.prompt_len}")
+        raise InputError(f"--prompt-len {prompt_tokens} is longer than the recipe's model.prompt_len {recipe.model.prompt_len}, "
+                         f"its largest bucket: pass at most {recipe.model.prompt_len}")
     log(f"measuring GEMM rate and bandwidth on {artifacts.device_info(device).get('name')}")
     ceilings = roofline.measure_ceilings(device)
     results: dict[str, Any] = {"recipe": recipe.name, "device": artifacts.device_info(device), "ceilings": ceilings,
