@@ -73,7 +73,7 @@ from pi_build.spec import Precision
 
 # Triton is optional (None on CPU-only installs, where the torch path still works); kernels.py holds
 # its one import and the interpreter flag (TRITON_INTERPRET=1: the kernels run on CPU tensors).
-from pi_build.engine.kernels import INTERPRET, pair_permutation, tl, triton
+from pi_build.engine.kernels import INTERPRET, tl, triton
 # Programmatic dependent launch (Hopper+); PI_BUILD_PDL=0 turns it off for A/B measurements.
 USE_PDL = os.environ.get("PI_BUILD_PDL", "1") != "0"
 
@@ -185,10 +185,22 @@ def triton_next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def pair_permutation(rows: int, half: int) -> Tensor:
+    """Row order that puts rotate-half / gate-up partners next to each other.
+
+    Rows form groups of 2*half (a head of q/k/v: half = head_dim / 2; gate|up: half = mlp, one group);
+    pair p = (group g, offset c) joins rows g*2*half + c and g*2*half + half + c. New row 2p + e is old
+    row g*2*half + c + e*half. Any tile of 2P rows (P dividing half) then holds P whole pairs of one group.
+    """
+    pair = torch.arange(rows // 2)
+    base = (pair // half) * 2 * half + pair % half
+    return torch.stack([base, base + half], dim=1).reshape(-1)
+
+
 # ----------------------------------------------------------------------------- Triton kernels
 
 if triton is not None:
-    from pi_build.engine.kernels import _gelu_tanh, mma, to_bf16  # the shared product, bf16 rounding and GELU
+    from pi_build.engine.kernels import mma, to_bf16  # the shared product and bf16 rounding
 
     @triton.jit
     def _pdl_wait(USE_PDL: tl.constexpr):
@@ -206,6 +218,12 @@ if triton is not None:
         MMA's M dimension (64 rows: one Hopper wgmma per warpgroup, activations from shared memory).
         The other way round, the 16 token rows would be M and every warp would hold all of them."""
         return tl.trans(mma(w.to(tl.bfloat16), tl.trans(a), INTERPRET))
+
+    @triton.jit
+    def _gelu_tanh(x):
+        # tanh(u) = 1 - 2 / (1 + exp(2u)): saturates correctly at both ends, float32 throughout
+        u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        return 0.5 * x * (2.0 - 2.0 / (1.0 + tl.exp(2.0 * u)))
 
     @triton.jit
     def _store_partial(acc, part_ptr, tile, split, rm, M, TILE: tl.constexpr, SPLIT: tl.constexpr):

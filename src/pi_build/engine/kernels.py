@@ -91,18 +91,6 @@ def attention_splits(keys: int) -> int:
     return -(-keys // ATTN_BLOCK_S)
 
 
-def pair_permutation(rows: int, half: int) -> Tensor:
-    """Row order that puts rotate-half / gate-up partners next to each other.
-
-    Rows form groups of 2*half (a head of q/k/v: half = head_dim / 2; gate|up: half = mlp, one group);
-    pair p = (group g, offset c) joins rows g*2*half + c and g*2*half + half + c. New row 2p + e is old
-    row g*2*half + c + e*half. Any tile of 2P rows (P dividing half) then holds P whole pairs of one group.
-    """
-    pair = torch.arange(rows // 2)
-    base = (pair // half) * 2 * half + pair % half
-    return torch.stack([base, base + half], dim=1).reshape(-1)
-
-
 # ----------------------------------------------------------------------------- Triton kernels
 
 if triton is not None:
@@ -125,12 +113,6 @@ if triton is not None:
             bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
             x = bits.to(tl.float32, bitcast=True)
         return x.to(tl.bfloat16)
-
-    @triton.jit
-    def _gelu_tanh(x):
-        # tanh(u) = 1 - 2 / (1 + exp(2u)): saturates correctly at both ends, float32 throughout
-        u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-        return 0.5 * x * (2.0 - 2.0 / (1.0 + tl.exp(2.0 * u)))
 
     @triton.jit
     def _skinny_mm(x_ptr, w_ptr, out_ptr, M, N, stride_xm, stride_wn,
