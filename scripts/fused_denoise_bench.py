@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import statistics
 import time
@@ -221,6 +222,9 @@ def sweep_candidates(rows: int, fp8: bool, persistent: bool = False) -> list[tup
                   ("attention 3 key blocks, lean K/V", dict(attn_blocks=3, attn_lean_kv=True))]
 
 
+TILING_FIELDS = {field.name for field in dataclasses.fields(fd.Tiling)}
+
+
 @torch.no_grad()
 def sweep(compiled, fused: fd.FusedDenoiseStep, loop_args: tuple, steps: int, budget_s: float) -> list:
     rows = fused.spec.batch * fused.suffix_len
@@ -229,9 +233,8 @@ def sweep(compiled, fused: fd.FusedDenoiseStep, loop_args: tuple, steps: int, bu
         if time.time() - T0 > budget_s:
             log(f"  sweep {label}: skipped (time budget)")
             continue
-        # Tiling fields that plan_tiling does not choose are set on its result
-        fields = {key: opts.pop(key) for key in ("block_m", "attn_keys", "attn_rows", "attn_lean_kv", "attn_blocks", "prefetch_l2")
-                  if key in opts}
+        # options named like a Tiling field are set on plan_tiling's result; the rest are its arguments
+        fields = {key: opts.pop(key) for key in list(opts) if key in TILING_FIELDS}
         fields["persistent"] = fused.persistent
         tiling = fd.plan_tiling(rows, fused.dims, **opts)
         fd.TILING_OVERRIDE = fd.Tiling(**{**tiling.__dict__, **fields})

@@ -29,6 +29,8 @@ phase_model() {   # $1 recipe name, $2 config, $3 horizon
   build denoise --recipe recipes/$1.toml --steps 1 &&
   run bench --recipe recipes/$1.toml --steps 1,10 --profile --json $W/bench_$1.json --png $W/bench_$1.png
 }
+phase_pi05() { phase_model pi05_libero pi05 10; }
+phase_pi0() { phase_model pi0_libero pi0 50; }
 
 # The LIBERO prompt runs on the 48-token bucket: the batch and vision recipes build that shape alone.
 one_bucket() { sed -e 's/^prompt_len = 200$/prompt_len = 48/' -e '/^prompt_buckets/d' recipes/pi05_libero.toml; }
@@ -98,7 +100,7 @@ import json; p = json.load(open('$W/bench.json'))['results']['pi05']['paths']
 ok = p['persistent'].get('bitwise_repeat') and p['persistent']['ms_per_step'] < p['fused']['ms_per_step']
 print('persistent', p['persistent'].get('ms_per_step'), 'fused', p['fused'].get('ms_per_step')); raise SystemExit(0 if ok else 1)" \
     || { echo "the persistent step did not win: no pi0.5 bench with it"; return 0; }
-  export PI_BUILD_PERSISTENT=1; phase_model pi05_libero pi05 10; local rc=$?; unset PI_BUILD_PERSISTENT; return $rc
+  export PI_BUILD_PERSISTENT=1; phase_pi05; local rc=$?; unset PI_BUILD_PERSISTENT; return $rc
 }
 phase_prefixattn() {  # the prefix attention kernel: its GPU checks, then against RoPE + SDPA (cuDNN) with a tile sweep;
                       # the engines of later phases keep SDPA if the kernel lost at pi0.5's batch-1 shape
@@ -114,7 +116,8 @@ phase_pi05profile() {  # pi0.5 on its 48-token bucket alone, 10 steps: pi-run be
   pi05_checkpoint && build all --recipe recipes/pi05_b1.toml --skip export &&
   run bench --recipe recipes/pi05_b1.toml --steps 10 --iters 30 --warmup 5 --no-reference --profile --json $W/bench_pi05_profile.json
 }
-export -f build run one_bucket pi05_checkpoint phase_smoke phase_model phase_batch phase_batch16 phase_vision phase_fp8 phase_denoise16 phase_fused16 phase_fusedsweep phase_fusedsweep0 phase_ncu phase_fp8keep phase_gputests phase_persistent phase_pi05persistent phase_prefixattn phase_pi05profile
+# phase NAME runs phase_NAME: every function of that name is exported to the detached shell
+export -f build run one_bucket pi05_checkpoint $(compgen -A function phase_)
 export W
 
 case "${1:-}" in
@@ -126,9 +129,8 @@ case "${1:-}" in
     (cd $W/code && setsid bash -c '
       for p in ${PHASES:-smoke pi05 pi0 batch}; do
         echo "=== phase $p $(date +%T)"
-        case $p in
-          smoke) phase_smoke ;; pi05) phase_model pi05_libero pi05 10 ;; pi0) phase_model pi0_libero pi0 50 ;; batch) phase_batch ;; batch16) phase_batch16 ;; vision) phase_vision ;; fp8) phase_fp8 ;; denoise16) phase_denoise16 ;; fused16) phase_fused16 ;; fusedsweep) phase_fusedsweep ;; fusedsweep0) phase_fusedsweep0 ;; ncu) phase_ncu ;; fp8keep) phase_fp8keep ;; gputests) phase_gputests ;; persistent) phase_persistent ;; pi05persistent) phase_pi05persistent ;; prefixattn) phase_prefixattn ;; pi05profile) phase_pi05profile ;;
-        esac || { echo "=== phase $p FAILED"; break; }
+        if ! declare -F phase_$p > /dev/null; then echo "=== no phase $p: skipped"; continue; fi
+        phase_$p || { echo "=== phase $p FAILED"; break; }
       done; echo "=== done $(date +%T)"' > $W/log 2>&1 < /dev/null &)
     sleep 5; tail -3 $W/log ;;
   poll)
