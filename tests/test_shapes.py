@@ -80,16 +80,16 @@ def test_policy_runs_the_smallest_shape_that_holds_a_batch(shaped):
     assert policy.bucket(torch.ones(1, 17, dtype=torch.bool)) == 48
 
 
-def test_bench_times_the_bucket_that_holds_the_prompt_length(shaped, workspace, tmp_path):
+def test_bench_times_the_bucket_that_holds_the_prompt_length(shaped, tmp_path):
     """`pi-run bench --prompt-len N` times N prompt tokens on the smallest bucket that holds them and
     says which; a length beyond the recipe's prompt gets a one-line error, not a traceback."""
-    recipe, engines = built_engines(workspace, "s", "batch = [1, 2]\nprompt_buckets = [16, 48]")
+    recipe, engines = shaped
     out = tmp_path / "bench.json"
-    result = invoke(run_app, ["bench", "--recipe", recipe, "--engines", engines, "--batch", "1", "--prompt-len", "30",
+    result = invoke(run_app, ["bench", "--recipe", recipe.path, "--engines", engines, "--batch", "1", "--prompt-len", "30",
                               "--iters", "2", "--warmup", "0", "--no-reference", "--json", out])
     assert result.exit_code == 0, result.output
     (entry,) = json.loads(out.read_text())["runs"]
     assert (entry["prompt_tokens"], entry["bucket"], entry["batch"]) == (30, 48, 1)
     assert "a 30-token prompt on the 48-token bucket" in " ".join(result.output.split())
-    too_long = invoke(run_app, ["bench", "--recipe", recipe, "--engines", engines, "--prompt-len", "201", "--no-reference"])
+    too_long = invoke(run_app, ["bench", "--recipe", recipe.path, "--engines", engines, "--prompt-len", "201", "--no-reference"])
     assert too_long.exit_code == 1 and "--prompt-len 201" in too_long.output and "Traceback" not in too_long.output
