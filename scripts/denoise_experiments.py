@@ -62,7 +62,7 @@ def graph_time(fn, args, steps: int) -> float:
 EXPERT_SHAPES = {"qkv": (2560, 1024), "o": (1024, 2048), "gate_up": (8192, 1024), "down": (1024, 4096)}
 
 
-def gemm_experiments(sweep: bool) -> None:
+def gemm_experiments(rows: list[int], sweep: bool) -> None:
     from pi_build.engine import kernels
     from pi_build.engine.fp8 import quantize_fp8, scaled_mm_fp8_linear
 
@@ -71,7 +71,7 @@ def gemm_experiments(sweep: bool) -> None:
     fp8 = {name: [quantize_fp8(w, scale) for w in ws] for name, ws in weights.items()}
     total_bytes = sum(w.numel() for ws in weights.values() for w in ws) * 2
     print(f"expert GEMM weights: {total_bytes / 1e9:.3f} GB bf16")
-    for m in (10, 51):
+    for m in rows:
         xs = {name: torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for name, (n, k) in EXPERT_SHAPES.items()}
         def run(kind):
             def fn():
@@ -84,7 +84,8 @@ def gemm_experiments(sweep: bool) -> None:
                         else:
                             scaled_mm_fp8_linear(xs[name], fp8[name][i], scale, scale, None)
             return fn
-        for kind, nbytes in (("cublas", total_bytes), ("skinny", total_bytes), ("scaled_mm", total_bytes / 2)):
+        kinds = (("cublas", total_bytes), ("skinny", total_bytes), ("scaled_mm", total_bytes / 2))
+        for kind, nbytes in kinds if m <= 64 else (kinds[0], kinds[2]):  # the skinny kernel takes up to 64 rows
             ms = timed_graph(run(kind))
             print(f"M={m:<3} {kind:11s} {ms:.3f} ms for 72 GEMMs  ({nbytes / ms / 1e9:.2f} TB/s of weights)", flush=True)
         if sweep and m == 10:
@@ -106,31 +107,58 @@ def gemm_experiments(sweep: bool) -> None:
             kernels.SKINNY_BLOCK_N, kernels.SKINNY_BLOCK_K, kernels.SKINNY_WARPS, kernels.SKINNY_STAGES = 64, 128, 4, 3
 
 
-def attention_experiments() -> None:
-    from pi_build.engine import kernels
-    from pi_build.engine.layers import mqa_attention
+def attention_experiments(batch: int, prompt_len: int, sweep: bool) -> None:
+    """One layer's few-query attention at pi0.5's shapes (10 queries, and pi0's 51 at batch 1), the
+    library path against the Triton kernel; 18 layers' distinct caches in one graph, as a step reads
+    them (at batch 16 one layer's K/V alone would stay in L2). With ``sweep``, the kernel's tilings."""
+    import itertools
 
-    for t, s_cache in ((10, 712), (51, 560)):
-        q = torch.randn(1, t, 8, 256, device="cuda", dtype=torch.bfloat16)
-        kc, vc = (torch.randn(1, s_cache, 256, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        kn, vn = (torch.randn(1, t, 256, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        mask = torch.rand(1, t, s_cache + t, device="cuda") > 0.2
-        keys, values = torch.cat([kc, kn], 1).double(), torch.cat([vc, vn], 1).double()
-        logits = torch.einsum("bthd,bsd->bths", q.double(), keys) * 256**-0.5
-        logits = logits.masked_fill(~mask[:, :, None, :], float("-inf"))
-        ref = torch.einsum("bths,bsd->bthd", logits.softmax(-1), values)
-        got = kernels.few_query_attention(q, kc, vc, kn, vn, mask)
-        torch.cuda.synchronize()
-        err = ((got.double() - ref).norm() / ref.norm()).item()
-        def library():
-            k = torch.cat([kc, kn], 1)[:, None]
-            v = torch.cat([vc, vn], 1)[:, None]
-            return mqa_attention(q.transpose(1, 2), k, v, mask)
+    from pi_build.engine import kernels
+    from pi_build.engine.layers import folded_query_attention
+
+    keys = 2 * 256 + prompt_len  # two cameras' image tokens and the prompt bucket
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for t in (10, 51) if batch == 1 else (10,):
+        def rand(*shape):
+            return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g)
+        q = rand(batch, t, 8, 256)
+        layers = [(rand(batch, keys, 256), rand(batch, keys, 256)) for _ in range(18)]
+        kn, vn = rand(batch, t, 256), rand(batch, t, 256)
+        mask = torch.rand(batch, t, keys + t, device="cuda", generator=g) > 0.2
+        kc, vc = layers[0]
+        k_all, v_all = torch.cat([kc, kn], 1).double(), torch.cat([vc, vn], 1).double()
+        logits = torch.einsum("bthd,bsd->bths", q.double(), k_all) * 256**-0.5
+        ref = torch.einsum("bths,bsd->bthd", logits.masked_fill(~mask[:, :, None, :], float("-inf")).softmax(-1), v_all)
+        ref = ref.reshape(batch, t, -1)
+
+        def rel(out):
+            return ((out.double() - ref).norm() / ref.norm()).item()
+
+        def library(kc, vc):
+            return folded_query_attention(q.transpose(1, 2), torch.cat([kc, kn], 1)[:, None], torch.cat([vc, vn], 1)[:, None], mask)
         lib = torch.compile(library)
-        tri = torch.compile(lambda: kernels.few_query_attention(q, kc, vc, kn, vn, mask))
-        ms_lib = timed_graph(lambda: [lib() for _ in range(18)]) / 18
-        ms_tri = timed_graph(lambda: [tri() for _ in range(18)]) / 18
-        print(f"attention T={t} S={s_cache}: library {ms_lib * 1e3:.1f} us, triton {ms_tri * 1e3:.1f} us per layer (rel err vs float64 {err:.1e})", flush=True)
+        ms_lib = timed_graph(lambda: [lib(kc, vc) for kc, vc in layers]) / 18
+        label = f"attention B={batch} T={t} S={keys}"
+        print(f"{label}: library {ms_lib * 1e3:.1f} us per layer", flush=True)
+        tilings = [kernels.few_query_attention_tiles(batch, t * 8)]
+        if sweep:
+            # 128-key blocks ran out of shared memory at D = 256 (H200); key blocks in a loop pipeline
+            # their loads over the stages
+            tilings += [c for c in itertools.product((16, 32), (16, 32, 64), (1, 2, 3, 5, 9), (4, 8), (2, 3))
+                        if c != tilings[0] and not (c[2] == 1 and c[4] == 3)]
+        found = []
+        for tiles in tilings:
+            try:
+                err = rel(kernels._launch_attention(q, kc, vc, kn, vn, mask, tiles=tiles))
+                ms = timed_graph(lambda: [kernels._launch_attention(q, kc, vc, kn, vn, mask, tiles=tiles) for kc, vc in layers], iters=30) / 18
+            except Exception as e:  # a tiling the compiler refuses (registers, shared memory)
+                print(f"  tiles {tiles}: {type(e).__name__}", flush=True)
+                continue
+            found.append((ms, tiles, err))
+            if tiles == tilings[0]:
+                print(f"{label}: triton {ms * 1e3:.1f} us per layer with the chosen tiles {tiles} (rel err vs float64 {err:.1e})", flush=True)
+        for ms, tiles, err in sorted(found)[:8] if sweep else ():
+            print(f"  sweep {label}: {ms * 1e3:.1f} us  tiles (rows, keys, key blocks, warps, stages) = {tiles}  rel err {err:.1e}", flush=True)
 
 
 def prefix_experiments() -> None:
@@ -194,12 +222,13 @@ def profile(compiled, inputs, label: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--variants", default="", help="comma list of: library, triton, fp8, triton-fp8, autotune")
+    parser.add_argument("--variants", default="", help="comma list of: library, triton, fp8, triton-fp8, autotune, triton-autotune")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--config", default="pi05")
-    parser.add_argument("--batch", type=int, default=1, help="robots per step (--variants)")
-    parser.add_argument("--prompt-len", type=int, default=0, help="prompt tokens (--variants; default 200 for pi0.5, 48 for pi0)")
+    parser.add_argument("--batch", type=int, default=1, help="robots per step (--variants, --attention)")
+    parser.add_argument("--prompt-len", type=int, default=0, help="prompt tokens (--variants: default 200 for pi0.5, 48 for pi0; --attention: 48)")
     parser.add_argument("--gemms", action="store_true")
+    parser.add_argument("--gemm-rows", default="10,51", help="comma list of row counts for --gemms (pi0.5 at batch 16: 160)")
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--attention", action="store_true")
     parser.add_argument("--prefix", action="store_true", help="profile the vision and kvcache components too")
@@ -210,9 +239,9 @@ def main() -> None:
     if args.prefix:
         prefix_experiments()
     if args.gemms:
-        gemm_experiments(args.sweep)
+        gemm_experiments([int(m) for m in args.gemm_rows.split(",")], args.sweep)
     if args.attention:
-        attention_experiments()
+        attention_experiments(args.batch, args.prompt_len or 48, args.sweep)
     variants = [v for v in args.variants.split(",") if v]
     if not variants:
         return
@@ -235,7 +264,7 @@ def main() -> None:
             module = fp8_from_hooks(module, batches, ("action_in", "action_out"))
         if name.startswith("triton"):
             print(f"{name}: {module.use_triton_kernels()}")
-        options = {"max_autotune": True} if name == "autotune" else {}
+        options = {"max_autotune": True} if name.endswith("autotune") else {}
         t1 = time.time()
         compiled = torch.compile(module, options=options)
         with torch.no_grad():

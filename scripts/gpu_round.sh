@@ -8,7 +8,7 @@
 #
 # The work runs detached (setsid) so that it outlives one `run` call: call `poll` again within 30 s
 # and the machine stays warm. Carried wheels (.whl: ModelOpt, pydantic, websockets) are installed first.
-# PHASES (default "smoke pi05 pi0 batch"; also "batch16", "vision", "fp8", "denoise16", "fused16", "fusedsweep", "fusedsweep0", "ncu", "fp8keep", "gputests", "persistent", "pi05persistent", "prefixattn", "pi05profile") picks phases. Checkpoints land where the recipes look for
+# PHASES (default "smoke pi05 pi0 batch"; also "batch16", "vision", "fp8", "denoise16", "denoise16x", "fused16", "fusedsweep", "fusedsweep0", "ncu", "fp8keep", "gputests", "persistent", "pi05persistent", "prefixattn", "pi05profile") picks phases. Checkpoints land where the recipes look for
 # them (checkpoints/<name>, relative to the copied code), engines under /tmp/pib/engines.
 set -uo pipefail
 W=/tmp/pib
@@ -62,6 +62,13 @@ phase_fp8() {     # FP8 schemes of the prefix engine (scripts/prefix_fp8_experim
 }
 phase_denoise16() {  # one pi0.5 denoise step at batch 16 (160 rows): library against the per-op Triton kernels, kernel lists
   python3 scripts/denoise_experiments.py --variants library,triton --batch 16 --prompt-len 48
+}
+phase_denoise16x() {  # batch 16's denoise step (160 rows): the kernels' GPU checks, the attention kernel's tilings over
+                      # 18 layers' caches, the GEMMs at 160 rows (cuBLAS bf16 against FP8), the step with FP8 or autotuned GEMMs
+  timeout 200 python3 -m pytest -q -x tests/test_kernels.py -k gpu -p no:cacheprovider &&
+  python3 scripts/denoise_experiments.py --attention --batch 16 --prompt-len 48 --sweep &&
+  python3 scripts/denoise_experiments.py --gemms --gemm-rows 160 &&
+  python3 scripts/denoise_experiments.py --variants triton,triton-fp8,triton-autotune --batch 16 --prompt-len 48
 }
 phase_fused16() {   # the fused step in 64-row blocks at batch 16 (160 rows) against the per-op Triton kernels, tiling sweep
   python3 scripts/fused_denoise_bench.py --runs "pi05:fused,triton" --batch 16 --prompt-len 48 --sweep fused --budget-s 300 --out $W

@@ -243,6 +243,11 @@ CHECKS = textwrap.dedent("""
         case = attention_case(t, s, hq, d, seed=t, device=device, b=b)
         got = kernels.few_query_attention(*case)
         out[f"attention {{b}}x{{t}}x{{s}}x{{hq}}x{{d}}"] = [list(got.shape), rel_err(got, attention_reference(*case))]
+    # several key blocks a program (online softmax), padded rows, and batch 16's tiles (one split here)
+    for tiles in [(32, 16, 3, 4, 2), (64, 32, 2, 8, 1), kernels.few_query_attention_tiles(16, 80)]:
+        case = attention_case(10, 90, 4, 32, seed=7, device=device, b=2)
+        got = kernels._launch_attention(*case, tiles=tiles)
+        out[f"attention 2x10x90x4x32 tiles {{tiles}}"] = [list(got.shape), rel_err(got, attention_reference(*case))]
     for b, t, hq, d in [(1, 70, 8, 64), (2, 40, 4, 32), (1, 9, 2, 256)]:
         case = prefix_attention_case(b, t, hq, d, seed=t, device=device)
         got = kernels.prefix_attention(*case)
@@ -293,12 +298,12 @@ def check_results(results: dict) -> None:
 @pytest.mark.slow
 def test_triton_kernels_in_the_interpreter():
     results = run_checks("cpu")
-    assert len(results) == 15
+    assert len(results) == 18
     check_results(results)
 
 
 @cuda
 def test_triton_kernels_on_the_gpu():
     results = run_checks("cuda")
-    assert len(results) == 11
+    assert len(results) == 14
     check_results(results)

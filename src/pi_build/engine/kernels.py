@@ -12,8 +12,9 @@ For the denoise step, two small kernels, each split so that a few hundred progra
   GELU) is left to plain torch code, where Inductor fuses it into the next elementwise kernel.
 - ``few_query_attention``: attention of the step's folded queries (tokens x heads, one KV head)
   over the cached prefix keys followed by the step's own keys, without concatenating them.
-  Programs split the keys (flash-decoding): each writes an unnormalised partial output with its
-  row max and row sum; a second kernel merges the splits into the bf16 output.
+  Programs split the keys (flash-decoding): each runs one or a few key blocks with an online
+  softmax and writes an unnormalised partial output with its row max and row sum; a second kernel
+  merges the splits into the bf16 output. Tiles per batch size: ``few_query_attention_tiles``.
 
 For the prefix pass:
 
@@ -83,12 +84,26 @@ def _largest_block(size: int, cap: int) -> int:
     return block
 
 
-ATTN_BLOCK_S = 64  # keys per program of few_query_attention
-ATTN_BLOCK_R = 16  # folded query rows per program
+def few_query_attention_tiles(batch: int, rows: int) -> tuple[int, int, int, int, int]:
+    """(folded query rows per program, keys per block, key blocks per program, warps, stages) of
+    ``few_query_attention`` for ``batch`` robots of ``rows`` folded query rows (tokens x heads).
+    A program's key blocks run in turn with an online softmax; its partial output is one split of
+    the keys, merged with the other splits by ``_combine_splits``.
+
+    The best of 108 tilings at each measured shape on an H200 (scripts/denoise_experiments.py
+    --attention --batch B --sweep; 560 cached keys, 18 layers' caches; us a layer with the merge,
+    against the earlier 16 x 64 x 1 for every shape): pi0.5's 80 rows at batch 1 6.7 against 7.9,
+    batch 4 10.7 (best 10.6) against 11.9, batch 8 14.8 against 19.7, batch 16 25.1 against 29.0;
+    pi0's 408 rows at batch 1 10.1 against 11.3. Shapes in between take the nearest measured one.
+    Fewer, longer splits pay off as the batch grows: the partial sums the merge reads shrink.
+    """
+    if batch == 1:
+        return (16, 32, 1, 4, 2) if rows <= 128 else (32, 64, 1, 8, 2)
+    return (16, 32, 3, 4, 2) if batch < 16 else (32, 32, 5, 4, 2)
 
 
-def attention_splits(keys: int) -> int:
-    return -(-keys // ATTN_BLOCK_S)
+def attention_splits(keys: int, keys_per_split: int) -> int:
+    return -(-keys // keys_per_split)
 
 
 # ----------------------------------------------------------------------------- Triton kernels
@@ -140,7 +155,7 @@ if triton is not None:
                         B, S_CACHE, T, R, scale,
                         sq_b, sq_t, sq_h, skc_b, skc_s, svc_b, svc_s, skn_b, skn_t, svn_b, svn_t, sm_b, sm_t,
                         HQ: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
-                        INTERPRET: tl.constexpr):
+                        KEY_BLOCKS: tl.constexpr, INTERPRET: tl.constexpr):
         pid_s = tl.program_id(0)
         pid_r = tl.program_id(1)
         b = tl.program_id(2)
@@ -150,23 +165,30 @@ if triton is not None:
         row_ok = r < R
         d = tl.arange(0, D)
         q = tl.load(q_ptr + b * sq_b + t[:, None] * sq_t + h[:, None] * sq_h + d[None, :], mask=row_ok[:, None], other=0.0)
-        j = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)  # key index: cache first, then the step's own keys
-        in_cache = j < S_CACHE
-        in_new = (j >= S_CACHE) & (j < S_CACHE + T)
-        jn = j - S_CACHE
-        k = tl.load(kc_ptr + b * skc_b + j[:, None] * skc_s + d[None, :], mask=in_cache[:, None], other=0.0) \
-            + tl.load(kn_ptr + b * skn_b + jn[:, None] * skn_t + d[None, :], mask=in_new[:, None], other=0.0)
-        v = tl.load(vc_ptr + b * svc_b + j[:, None] * svc_s + d[None, :], mask=in_cache[:, None], other=0.0) \
-            + tl.load(vn_ptr + b * svn_b + jn[:, None] * svn_t + d[None, :], mask=in_new[:, None], other=0.0)
-        s = mma(q, tl.trans(k), INTERPRET)
-        allowed = tl.load(mask_ptr + b * sm_b + t[:, None] * sm_t + j[None, :],
-                          mask=row_ok[:, None] & (j < S_CACHE + T)[None, :], other=0)
-        s = tl.where(allowed != 0, s * scale, float("-inf"))
-        row_max = tl.max(s, axis=1)
-        base = tl.where(row_max == float("-inf"), 0.0, row_max)  # a row with no key here: p = 0
-        p = tl.exp(s - base[:, None])
-        row_sum = tl.sum(p, axis=1)
-        acc = mma(p.to(v.dtype), v, INTERPRET)
+        row_max = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+        row_sum = tl.zeros((BLOCK_R,), tl.float32)
+        acc = tl.zeros((BLOCK_R, D), tl.float32)
+        for i in range(KEY_BLOCKS):  # online softmax over this split's key blocks; with one block the
+            # rescale is exp(-inf) = 0 and the sums are exactly one block's
+            j = (pid_s * KEY_BLOCKS + i) * BLOCK_S + tl.arange(0, BLOCK_S)  # key index: cache first, then the step's own keys
+            in_cache = j < S_CACHE
+            in_new = (j >= S_CACHE) & (j < S_CACHE + T)
+            jn = j - S_CACHE
+            k = tl.load(kc_ptr + b * skc_b + j[:, None] * skc_s + d[None, :], mask=in_cache[:, None], other=0.0) \
+                + tl.load(kn_ptr + b * skn_b + jn[:, None] * skn_t + d[None, :], mask=in_new[:, None], other=0.0)
+            v = tl.load(vc_ptr + b * svc_b + j[:, None] * svc_s + d[None, :], mask=in_cache[:, None], other=0.0) \
+                + tl.load(vn_ptr + b * svn_b + jn[:, None] * svn_t + d[None, :], mask=in_new[:, None], other=0.0)
+            s = mma(q, tl.trans(k), INTERPRET)
+            allowed = tl.load(mask_ptr + b * sm_b + t[:, None] * sm_t + j[None, :],
+                              mask=row_ok[:, None] & (j < S_CACHE + T)[None, :], other=0)
+            s = tl.where(allowed != 0, s * scale, float("-inf"))
+            new_max = tl.maximum(row_max, tl.max(s, axis=1))
+            base = tl.where(new_max == float("-inf"), 0.0, new_max)  # a row with no key yet: p = 0
+            p = tl.exp(s - base[:, None])
+            rescale = tl.exp(row_max - base)
+            row_sum = row_sum * rescale + tl.sum(p, axis=1)
+            acc = acc * rescale[:, None] + mma(p.to(v.dtype), v, INTERPRET)
+            row_max = new_max
         row = (pid_s * B + b) * R + r
         tl.store(acc_ptr + row[:, None] * D + d[None, :], acc, mask=row_ok[:, None])
         tl.store(max_ptr + row, row_max, mask=row_ok)
@@ -236,7 +258,6 @@ if triton is not None:
 # BLOCK_N 32-128, BLOCK_K 64-256, 4 or 8 warps) put every choice within 3% of the best: at this
 # shape a kernel's time is mostly its launch and ramp-up, not its tiling.
 SKINNY_BLOCK_N, SKINNY_BLOCK_K, SKINNY_WARPS, SKINNY_STAGES = 64, 128, 4, 3
-ATTN_WARPS, ATTN_STAGES = 4, 2
 
 
 def _launch_skinny(x: Tensor, weight: Tensor) -> Tensor:
@@ -255,21 +276,24 @@ def _launch_skinny(x: Tensor, weight: Tensor) -> Tensor:
     return out
 
 
-def _launch_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tensor, mask: Tensor) -> Tensor:
+def _launch_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tensor, mask: Tensor,
+                      tiles: tuple[int, int, int, int, int] | None = None) -> Tensor:
     b, t, hq, d = q.shape
     s_cache = k_cache.shape[1]
-    rows, splits = t * hq, attention_splits(s_cache + t)
+    rows = t * hq
+    block_r, block_s, key_blocks, warps, stages = tiles or few_query_attention_tiles(b, rows)
+    splits = attention_splits(s_cache + t, block_s * key_blocks)
     acc = torch.empty(splits, b, rows, d, dtype=torch.float32, device=q.device)
     row_max = torch.empty(splits, b, rows, dtype=torch.float32, device=q.device)
     row_sum = torch.empty_like(row_max)
     mask_u8 = mask.view(torch.uint8)
-    launch = {} if INTERPRET else {"num_warps": ATTN_WARPS, "num_stages": ATTN_STAGES}
-    _few_query_attn[(splits, -(-rows // ATTN_BLOCK_R), b)](
+    launch = {} if INTERPRET else {"num_warps": warps, "num_stages": stages}
+    _few_query_attn[(splits, -(-rows // block_r), b)](
         q, k_cache, v_cache, k_new, v_new, mask_u8, acc, row_max, row_sum,
         b, s_cache, t, rows, d**-0.5,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), mask_u8.stride(0), mask_u8.stride(1),
-        HQ=hq, D=d, BLOCK_R=ATTN_BLOCK_R, BLOCK_S=ATTN_BLOCK_S, INTERPRET=INTERPRET, **launch,
+        HQ=hq, D=d, BLOCK_R=block_r, BLOCK_S=block_s, KEY_BLOCKS=key_blocks, INTERPRET=INTERPRET, **launch,
     )
     out = torch.empty(b, t, hq * d, dtype=q.dtype, device=q.device)
     _combine_splits[(b * rows,)](acc, row_max, row_sum, out, b * rows, splits, D=d,
