@@ -1,15 +1,17 @@
 """Speed experiments on one denoise step of full-size pi0.5 (random weights), on a GPU.
 
 Three parts, each optional:
-- ``--gemms``: the expert's weight GEMMs (18 layers x qkv, o, gate|up, down) at the step's row
-  counts, cuBLAS against kernels.py's skinny kernel, bf16 and FP8, each as one CUDA graph of all 72;
-  with ``--sweep``, the skinny kernel's block sizes too.
-- ``--attention``: one layer's few-query attention, the library path against the Triton kernel.
+- ``--gemms``: the expert's weight GEMMs (18 layers x qkv, o, gate|up, down) at ``--gemm-rows``
+  rows, cuBLAS against kernels.py's skinny kernel (up to 64 rows), bf16 and FP8, each as one CUDA
+  graph of all 72; with ``--sweep``, the skinny kernel's block sizes too.
+- ``--attention``: one layer's few-query attention at ``--batch``, the library path against the
+  Triton kernel with its chosen tiles; with ``--sweep``, 108 tilings of the kernel.
 - ``--variants``: the whole step compiled with torch.compile, a 10-step loop captured in a CUDA
   graph and timed; the torch profiler's top kernels for the first and the last variant.
 Results feed docs/PERFORMANCE.md.
 
     PYTHONPATH=src python3 scripts/denoise_experiments.py --gemms --attention --variants library,triton,fp8,triton-fp8
+    PYTHONPATH=src python3 scripts/denoise_experiments.py --attention --batch 16 --sweep
 """
 
 from __future__ import annotations
